@@ -1,0 +1,114 @@
+"""The typed view of params.yaml: loaded once per command, each stage receives only its own section.
+
+Unknown keys and values of the wrong type are errors that name the key, so a typo in params.yaml (or in
+`dvc exp run -S key=value`) fails loudly instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from components.errors import ParamsError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    source: str = "synthetic"  # "synthetic" (semid generate) or "movielens" (import movielens_dir)
+    movielens_dir: str = "../shared/data/movielens-latest-small"
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldParams:
+    """The synthetic item/event stream; see components/world.py for what each knob does."""
+    seed: int = 7
+    scale: float = 1.0
+    start: dt.date = dt.date(2026, 1, 1)
+    days: int = 60
+    active_items: int = 1000
+    half_life_days: float = 6.0
+    impressions_per_day: int = 20000
+    users: int = 5000
+    head_items_fraction: float = 0.001
+    head_share: float = 0.25
+    torso_items_fraction: float = 0.056
+    torso_share: float = 0.75
+    topics_per_user: int = 3
+    targeted_fraction: float = 0.6
+    base_logit: float = -3.0
+    affinity_weight: float = 3.0
+    item_effect_std: float = 0.5
+    exact_copy_fraction: float = 0.02
+    near_copy_fraction: float = 0.02
+    category_null_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationParams:
+    max_bad_fraction: float = 0.001
+    window_start: dt.date | None = None
+    window_end: dt.date | None = None
+    chunk_rows: int = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    data: DataParams = DataParams()
+    world: WorldParams = WorldParams()
+    validation: ValidationParams = ValidationParams()
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read params.yaml into a Params; keys left out take the defaults above."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found (expected a YAML file with sections "
+                          f"{', '.join(f.name for f in dataclasses.fields(Params))})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return from_mapping(Params, raw, where=str(path))
+
+
+def from_mapping(cls: type, raw: object, where: str):
+    """Build dataclass `cls` from a plain mapping, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, found {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], raw[name], f"{where}:{name}") for name in raw}
+    return cls(**values)
+
+
+def _coerce(kind, value, where: str):
+    if dataclasses.is_dataclass(kind):
+        return from_mapping(kind, value, where)
+    if isinstance(kind, types.UnionType):  # only `X | None` is used
+        if value is None:
+            return None
+        (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is dt.date:
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            return value
+        if isinstance(value, str):
+            try:
+                return dt.date.fromisoformat(value)
+            except ValueError:
+                pass
+    raise ParamsError(f"{where}: expected {getattr(kind, '__name__', kind)}, found {value!r}")

@@ -1,0 +1,148 @@
+"""Where every artifact lives, and how it is written: always to a temporary name, then renamed into place,
+so a crash never leaves a half-written file or directory behind."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from components.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataDir:
+    """One copy of the raw layout: items.parquet and events/date=YYYY-MM-DD/*.parquet."""
+    root: Path
+
+    @property
+    def items(self) -> Path:
+        return self.root / "items.parquet"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events"
+
+    def partition(self, day: dt.date) -> Path:
+        return self.events / f"date={day.isoformat()}"
+
+    def write_items(self, items: pl.DataFrame) -> None:
+        write_parquet(items, self.items)
+
+    def write_events(self, day: dt.date, events: pl.DataFrame, part: int = 0) -> None:
+        """Write one file of the day's partition (the caller has kept only that day's rows)."""
+        path = self.partition(day) / f"part-{part}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(events, path)
+
+    def event_files(self) -> list[tuple[dt.date, Path]]:
+        """Every events file with the day its partition names, in day order."""
+        if not self.events.is_dir():
+            raise DataError(f"{self.events}: events directory not found (expected "
+                            f"{self.events}/date=YYYY-MM-DD/*.parquet)")
+        files = []
+        for part in sorted(self.events.iterdir()):
+            if not part.is_dir():
+                continue
+            key, _, value = part.name.partition("=")
+            try:
+                day = dt.date.fromisoformat(value)
+            except ValueError:
+                day = None
+            if key != "date" or day is None:
+                raise DataError(f"{part}: partition directory must be named date=YYYY-MM-DD")
+            files += [(day, f) for f in sorted(part.glob("*.parquet"))]
+        return files
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """All paths of the pipeline, relative to the repository root (the directory dvc runs in)."""
+    root: Path = Path(".")
+
+    @property
+    def raw(self) -> DataDir:
+        return DataDir(self.root / "data" / "raw")
+
+    @property
+    def validated(self) -> DataDir:
+        return DataDir(self.root / "data" / "validated")
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "data" / "quarantine"
+
+    @property
+    def world(self) -> Path:
+        """Ground truth of the synthetic world (taxonomy, item topics, copies): never an input to models."""
+        return self.root / "data" / "world"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+def _temp_sibling(path: Path, suffix: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on error delete it."""
+    path = Path(path)
+    tmp = _temp_sibling(path, path.suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp, compression="zstd", statistics=True)
+
+
+def write_json(obj: object, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(text: str, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it replaces `path` whole, on error it is deleted
+    and `path` is left exactly as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
