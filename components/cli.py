@@ -46,7 +46,10 @@ def generate(params: ParamsFile = Path("params.yaml")) -> None:
         run_generate(p.world, Layout())
     elif p.data.source == "movielens":
         from components.movielens import run_import
+        from components.storage import staged_dir, write_json
         run_import(Path(p.data.movielens_dir), Layout())
+        with staged_dir(Layout().world) as tmp:  # no ground truth: only where data/raw came from
+            write_json({"source": "movielens", "directory": p.data.movielens_dir}, tmp / "world.json")
     else:
         raise SemidError(f"{params}: data.source is {p.data.source!r}, expected 'synthetic' or 'movielens'")
 

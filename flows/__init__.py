@@ -1,0 +1,1 @@
+"""Prefect flows: they orchestrate DVC stages and hold no data or model logic."""
