@@ -1,0 +1,85 @@
+"""Integration: a real `dvc repro` and a real Prefect flow run over a copy of this repo on a small world."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SMALL_WORLD = {"days": 10, "active_items": 200, "impressions_per_day": 3000, "users": 500}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """This repo's pipeline files in a fresh git repo, with params.yaml shrunk to a small world."""
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "tmp*"))
+    shutil.copytree(REPO / "components", tmp_path / "components", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["world"].update(SMALL_WORLD)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], tmp_path)
+    run(["git", "add", "-A"], tmp_path)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], tmp_path)
+    return tmp_path
+
+
+def test_dvc_repro_caches_and_reports_metrics(repo):
+    run(["dvc", "repro"], repo)
+    metrics = json.loads((repo / "metrics" / "validation.json").read_text())
+    assert metrics["success"] is True
+    assert (repo / "data" / "validated" / "items.parquet").exists()
+    again = run(["dvc", "repro"], repo)
+    assert "Data and pipelines are up to date" in again.stdout, again.stdout
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    (workspace,) = shown.values()
+    figures = workspace["data"]["metrics/validation.json"]["data"]
+    assert figures["success"] is True and figures["events"]["rows"] > 10_000
+
+
+def test_dvc_exp_run_sets_params(repo):
+    run(["dvc", "exp", "run", "-S", "world.seed=11", "-n", "seed11"], repo)
+    assert yaml.safe_load((repo / "params.yaml").read_text())["world"]["seed"] == 11
+    world = json.loads((repo / "data" / "world" / "world.json").read_text())
+    assert world["params"]["seed"] == 11
+    table = run(["dvc", "exp", "show", "--json"], repo).stdout
+    assert "seed11" in table
+
+
+def test_prefect_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
+    proc = run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], REPO)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["generate", "validate"]
+    assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] is True
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["validation"]["window_start"] = "2030-01-01"  # a window with no events: the gate must fail
+    params["validation"]["window_end"] = "2030-02-01"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], REPO, check=False)
+    assert failed.returncode != 0
+    assert "stage 'validate' failed" in failed.stdout + failed.stderr
+
+
+def test_switching_data_source_runs_the_pipeline_on_movielens(repo):
+    sample = REPO.parent / "shared" / "data" / "movielens-latest-small"
+    if not sample.is_dir():
+        pytest.skip(f"{sample} not present")
+    run(["dvc", "exp", "run", "-S", "data.source=movielens", "-S", f"data.movielens_dir={sample}"], repo)
+    metrics = json.loads((repo / "metrics" / "validation.json").read_text())
+    assert metrics["success"] is True
+    assert metrics["items"]["rows"] == 9_742 and metrics["events"]["rows"] == 100_836
+    assert metrics["window"] == {"start": "1996-03-29", "end": "2018-09-25"}
