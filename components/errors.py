@@ -16,3 +16,7 @@ class DataError(SemidError):
 
 class ValidationFailed(SemidError):
     """The validation gate rejected the data; the message lists the failed checks."""
+
+
+class CodebookVersionMismatch(SemidError):
+    """SemIDs of one codebook version were asked for where another version is stored or expected."""

@@ -56,10 +56,51 @@ class ValidationParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class EmbedParams:
+    encoder: str = "minilm"  # "minilm" | "precomputed" | "hashing-test" (fast tests only)
+    precomputed_path: str | None = None  # parquet of item_id + vector, for encoder "precomputed"
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class RQVAEParams:
+    """The Semantic ID model (components/rqvae.py) and its quality gates."""
+    method: str = "rqvae"  # "rqvae" (PAPER.md) | "rqkmeans" (residual k-means, no autoencoder)
+    as_of: dt.date | None = None  # end (exclusive) of the training window; None: the data's last day + 1
+    window_days: int = 90
+    levels: int = 3  # L
+    codebook_size: int = 256  # K
+    latent_dim: int = 32  # D'
+    hidden_dims: tuple[int, ...] = (256,)
+    beta: float = 0.5
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 1024
+    lr: float = 0.001
+    warmup_steps: int = 300
+    normalize_input: bool = True
+    kmeans_init: bool = True
+    kmeans_iterations: int = 20
+    dead_code_restart: bool = True
+    restart_every: int = 100
+    min_utilization: float = 0.9
+    max_collision_rate: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class BackfillParams:
+    batch_size: int = 65_536  # embeddings encoded per batch: bounds memory whatever the item count
+    s3_endpoint_url: str | None = None  # for S3-compatible stores (MinIO, moto); None: AWS
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     data: DataParams = DataParams()
     world: WorldParams = WorldParams()
     validation: ValidationParams = ValidationParams()
+    embed: EmbedParams = EmbedParams()
+    rqvae: RQVAEParams = RQVAEParams()
+    backfill: BackfillParams = BackfillParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -95,6 +136,9 @@ def _coerce(kind, value, where: str):
         if value is None:
             return None
         (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+    if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+        (item,) = {k for k in typing.get_args(kind) if k is not Ellipsis}
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):

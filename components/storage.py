@@ -85,6 +85,21 @@ class Layout:
         return self.root / "data" / "world"
 
     @property
+    def embeddings(self) -> Path:
+        """CU embeddings of validated items: item_id, content_hash, vector (also the re-run cache)."""
+        return self.root / "data" / "embeddings" / "items.parquet"
+
+    @property
+    def rqvae(self) -> Path:
+        """RQ-VAE checkpoints, one file per codebook version, and the `current` pointer."""
+        return self.root / "models" / "rqvae"
+
+    @property
+    def semids(self) -> Path:
+        """The SemID entity store: item_id, codebook_version, c1..cL."""
+        return self.root / "data" / "semids" / "semids.parquet"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics"
 
