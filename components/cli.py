@@ -77,5 +77,54 @@ def validate(params: ParamsFile = Path("params.yaml")) -> None:
     run_validate(load_params(params).validation, Layout())
 
 
+@app.command()
+@stage
+def embed(params: ParamsFile = Path("params.yaml")) -> None:
+    """Embed validated items with the CU model (embed.encoder); a re-run encodes only new or edited texts."""
+    from components.embedding import run_embed
+    from components.params import load_params
+    from components.storage import Layout
+
+    run_embed(load_params(params).embed, Layout())
+
+
+rqvae_app = typer.Typer(no_args_is_help=True, help="The Semantic ID model (RQ-VAE or residual k-means).")
+app.add_typer(rqvae_app, name="rqvae")
+
+
+@rqvae_app.command("train")
+@stage
+def rqvae_train(params: ParamsFile = Path("params.yaml")) -> None:
+    """Train on the items active in the trailing window; promote the checkpoint only if the gates pass."""
+    from components.params import load_params
+    from components.storage import Layout
+    from components.train_rqvae import run_train_rqvae
+
+    run_train_rqvae(load_params(params).rqvae, Layout())
+
+
+@app.command()
+@stage
+def backfill(
+    params: ParamsFile = Path("params.yaml"),
+    publish: Annotated[str | None, typer.Option(
+        "--publish", help="Then publish the store and checkpoint to s3://bucket/prefix; the CURRENT pointer "
+                          "moves only after every part is uploaded and verified.")] = None,
+    endpoint_url: Annotated[str | None, typer.Option(
+        "--endpoint-url", help="S3-compatible endpoint (MinIO, moto); default backfill.s3_endpoint_url, "
+                               "else AWS.")] = None,
+) -> None:
+    """SemIDs for every embedded item under the current codebook, into data/semids/semids.parquet."""
+    from components.params import load_params
+    from components.semid import run_backfill
+    from components.storage import Layout
+
+    p = load_params(params).backfill
+    run_backfill(p, Layout())
+    if publish:
+        from components.publish import publish_current
+        publish_current(Layout(), publish, endpoint_url or p.s3_endpoint_url)
+
+
 if __name__ == "__main__":
     app()

