@@ -13,6 +13,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SMALL_WORLD = {"days": 10, "active_items": 200, "impressions_per_day": 3000, "users": 500}
+FAST_EMBED = {"encoder": "hashing-test"}
+FAST_RQVAE = {"codebook_size": 16, "latent_dim": 8, "hidden_dims": [32], "steps": 150, "warmup_steps": 50,
+              "batch_size": 256, "restart_every": 25, "max_collision_rate": 0.3}
+STAGES = ["generate", "validate", "embed", "train_rqvae", "backfill"]
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -32,6 +36,8 @@ def repo(tmp_path) -> Path:
     shutil.copytree(REPO / "components", tmp_path / "components", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["world"].update(SMALL_WORLD)
+    params["embed"].update(FAST_EMBED)
+    params["rqvae"].update(FAST_RQVAE)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], tmp_path)
     run(["git", "add", "-A"], tmp_path)
@@ -40,7 +46,8 @@ def repo(tmp_path) -> Path:
 
 
 def test_dvc_repro_caches_and_reports_metrics(repo):
-    run(["dvc", "repro"], repo)
+    first = run(["dvc", "repro"], repo)
+    assert [line.split("'")[1] for line in first.stdout.splitlines() if line.startswith("Running stage")] == STAGES
     metrics = json.loads((repo / "metrics" / "validation.json").read_text())
     assert metrics["success"] is True
     assert (repo / "data" / "validated" / "items.parquet").exists()
@@ -48,8 +55,14 @@ def test_dvc_repro_caches_and_reports_metrics(repo):
     assert "Data and pipelines are up to date" in again.stdout, again.stdout
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     (workspace,) = shown.values()
-    figures = workspace["data"]["metrics/validation.json"]["data"]
-    assert figures["success"] is True and figures["events"]["rows"] > 10_000
+    figures = {path: entry["data"] for path, entry in workspace["data"].items()}
+    assert figures["metrics/validation.json"]["success"] is True
+    assert figures["metrics/validation.json"]["events"]["rows"] > 10_000
+    version = figures["metrics/rqvae.json"]["codebook_version"]
+    assert figures["metrics/backfill.json"]["codebook_version"] == version
+    assert figures["metrics/backfill.json"]["items"] == figures["metrics/embed.json"]["items"]
+    plots = run(["dvc", "plots", "show", "--json"], repo).stdout
+    assert "reports/rqvae/utilization.csv" in plots and "reports/rqvae/cluster_sizes.csv" in plots
 
 
 def test_dvc_exp_run_sets_params(repo):
@@ -63,7 +76,7 @@ def test_dvc_exp_run_sets_params(repo):
 
 def test_prefect_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
     proc = run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], REPO)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["generate", "validate"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == STAGES
     assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] is True
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["validation"]["window_start"] = "2030-01-01"  # a window with no events: the gate must fail
@@ -78,8 +91,12 @@ def test_switching_data_source_runs_the_pipeline_on_movielens(repo):
     sample = REPO.parent / "shared" / "data" / "movielens-latest-small"
     if not sample.is_dir():
         pytest.skip(f"{sample} not present")
-    run(["dvc", "exp", "run", "-S", "data.source=movielens", "-S", f"data.movielens_dir={sample}"], repo)
+    # 9,742 movies cannot get distinct SemIDs from the fast test codebooks (K=16): only the path is tested here.
+    run(["dvc", "exp", "run", "-S", "data.source=movielens", "-S", f"data.movielens_dir={sample}",
+         "-S", "rqvae.max_collision_rate=1.0"], repo)
     metrics = json.loads((repo / "metrics" / "validation.json").read_text())
     assert metrics["success"] is True
     assert metrics["items"]["rows"] == 9_742 and metrics["events"]["rows"] == 100_836
     assert metrics["window"] == {"start": "1996-03-29", "end": "2018-09-25"}
+    backfill = json.loads((repo / "metrics" / "backfill.json").read_text())
+    assert backfill["items"] == 9_742
