@@ -103,3 +103,19 @@ def test_new_items_are_embedded_and_encoded_alone_under_a_frozen_codebook(world)
     assert run_train_rqvae(p, world)["codebook_version"] == first["codebook_version"]
     again = run_backfill(BackfillParams(), world)
     assert (again["encoded"], again["reused"], again["full_backfill"]) == (n_new, first["items"], False)
+
+
+def test_default_world_semids_use_every_code_and_follow_topics(default_world, tmp_path):
+    """The acceptance figures, measured: default world, MiniLM embeddings, default L, K and training."""
+    layout, _ = default_world
+    work = Layout(tmp_path)
+    shutil.copytree(layout.raw.root, work.validated.root)
+    shutil.copytree(layout.world, work.world)
+    run_embed(EmbedParams(), work)
+    metrics = run_train_rqvae(RQVAEParams(), work)
+    print("utilization", metrics["utilization"], "collision", metrics["collision_rate"],
+          "prefix sharing", metrics["prefix_sharing"])
+    assert min(metrics["utilization"]) >= 0.95
+    shared = metrics["prefix_sharing"]
+    assert shared["same_leaf"][0] > 20 * shared["random_pairs"][0]
+    assert shared["same_leaf"][1] > 20 * shared["random_pairs"][1]
