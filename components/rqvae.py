@@ -90,7 +90,19 @@ def utilization(codes: torch.Tensor, K: int) -> list[float]:
 
 def train(x: torch.Tensor, p: RQVAEParams, progress=None) -> tuple[SemanticIdModel, list[dict]]:
     """Fit a SemanticIdModel on embeddings x (N, D); deterministic on CPU for p.seed. Returns the model and
-    a history of {step, recon, quant, utilization} rows. `progress(step)` is called once per step if given."""
+    a history of {step, recon, quant, utilization} rows. `progress(step)` is called once per step if given.
+
+    Deterministic algorithms are switched on while training: the backward of the codebook lookup accumulates
+    with several threads, and on a busy machine that gave a different checkpoint on every run."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(x, p, progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(x: torch.Tensor, p: RQVAEParams, progress) -> tuple[SemanticIdModel, list[dict]]:
     torch.manual_seed(p.seed)
     generator = torch.Generator().manual_seed(p.seed)
     model = SemanticIdModel(config_of(p, x.shape[1]))
