@@ -255,8 +255,8 @@ def semid_counts(path: Path, levels: int) -> dict:
 def run_backfill(params: BackfillParams, layout: Layout) -> dict:
     """Write data/semids/semids.parquet and metrics/backfill.json; return the metrics plus "seconds"."""
     started = time.perf_counter()
-    _, checkpoint = rqvae.read_current(layout.rqvae)
-    model, version = rqvae.load_current(layout.rqvae)
+    version, checkpoint = rqvae.read_current(layout.rqvae)
+    model, _ = rqvae.load_checkpoint(checkpoint)  # verifies the content hash, which names the file
     levels, K, dim = (model.config[k] for k in ("levels", "codebook_size", "input_dim"))
     source = layout.embeddings
     check_embeddings_schema(source, dim, version)
