@@ -94,6 +94,45 @@ class BackfillParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class HistoryParams:
+    """The user-history module of the ranker: the user's previous clicks, newest last."""
+    length: int = 20  # T: clicks kept per example (left-padded, older ones dropped)
+    item_ids: str = "semid"  # how history items are embedded: "ie" | "rh" | "semid"
+    aggregation: str = "transformer"  # "bypass" | "transformer" | "pma"
+    seeds: int = 32  # PMA: learned query vectors d_s
+    heads: int = 2  # attention heads (transformer, pma)
+    lookback_days: int = 30  # clicks older than this before the training window are not history
+
+
+@dataclasses.dataclass(frozen=True)
+class PromotionParams:
+    max_ne_regression: float = 0.002  # the challenger is promoted if NE(all) <= champion's NE + this
+
+
+@dataclasses.dataclass(frozen=True)
+class RankerParams:
+    """The DLRM-style ranker (components/ranker.py) and its training window, evaluation and promotion."""
+    item_ids: str = "semid"  # "ie" | "rh" | "semid"
+    parameterization: str = "prefix_ngram"  # unigram | trigram | fourgram | all_bigrams | prefix_ngram
+    ngram_depth: int = 3  # n of prefix_ngram (<= L)
+    collision_factor: float = 3.0  # RH and SemID tables: H = ceil(training items / collision_factor)
+    missing_semid: str = "rh"  # items without a SemID: "rh" (hash their raw ID, counted) | "fail"
+    train_end: dt.date | None = None  # end (exclusive) of training; None: eval_hours before the data's end
+    train_days: int = 14
+    eval_hours: int = 24
+    embedding_dim: int = 32
+    dense_hidden: tuple[int, ...] = (64,)
+    top_hidden: tuple[int, ...] = (128, 64)
+    batch_size: int = 1024
+    lr: float = 0.001  # Adam, dense parameters
+    sparse_lr: float = 0.05  # Adagrad, embedding tables (sparse gradients)
+    seed: int = 0
+    device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
+    history: HistoryParams = HistoryParams()
+    promotion: PromotionParams = PromotionParams()
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     data: DataParams = DataParams()
     world: WorldParams = WorldParams()
@@ -101,6 +140,7 @@ class Params:
     embed: EmbedParams = EmbedParams()
     rqvae: RQVAEParams = RQVAEParams()
     backfill: BackfillParams = BackfillParams()
+    ranker: RankerParams = RankerParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
