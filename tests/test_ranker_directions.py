@@ -1,0 +1,242 @@
+"""Unit tests of components/ranker_directions.py: the report on fabricated results, the experiment loop with
+a fake runner (no dvc process)."""
+import json
+import subprocess
+
+import pytest
+
+from components.errors import DataError
+from components.ranker_directions import (EXPERIMENTS, directions_table, experiment_command, main, read_results,
+                                          run_experiments)
+from components.storage import Layout
+
+SEEDS = (0, 1, 2)
+SPREAD = (-0.001, 0.0, 0.001)  # seed s gets value + SPREAD[s]: mean = value, min..max = value -+ 0.001
+
+# NE all, tail, new per experiment; chosen so every direction holds by a wide margin
+GOOD = {
+    "semid_prefix_ngram": {"all": 0.970, "tail": 0.920, "new": 0.900, "aar": 0.05},
+    "rh":                 {"all": 0.972, "tail": 0.930, "new": 0.950, "aar": 0.10},
+    "ie":                 {"all": 0.975, "tail": 0.940, "new": 0.960, "aar": 0.12},
+    "semid_trigram":      {"all": 0.980, "tail": 0.925, "new": 0.910, "aar": 0.06},
+    "semid_all_bigrams":  {"all": 0.985, "tail": 0.926, "new": 0.905, "aar": 0.06},
+}
+
+
+def fabricate(figures: dict[str, dict], seeds=SEEDS, spread=SPREAD) -> list[dict]:
+    results = []
+    for seed in seeds:
+        for name, f in figures.items():
+            d = spread[seed]
+            ne = {s: f.get(s, 0.95) + d for s in ("all", "head", "torso", "tail", "seen", "new")}
+            results.append({"experiment": name, "seed": seed, "ne": ne, "aar": f["aar"] + d,
+                            "drift_sensitivity": {s: 0.008 for s in ne}, "config": {}})
+    return results
+
+
+def line(report: str, label: str) -> str:
+    return next(x for x in report.splitlines() if x.startswith(f"- **({label})**"))
+
+
+def with_figure(figures, name, **changes):
+    return {**figures, name: {**figures[name], **changes}}
+
+
+# --- the experiments ---
+
+def test_every_experiment_sets_the_same_keys_and_history_follows_the_item_ids():
+    keys = {frozenset(overrides) for overrides in EXPERIMENTS.values()}
+    assert keys == {frozenset({"ranker.item_ids", "ranker.history.item_ids", "ranker.parameterization"})}
+    for overrides in EXPERIMENTS.values():
+        assert overrides["ranker.history.item_ids"] == overrides["ranker.item_ids"]
+
+
+def test_experiment_command():
+    assert experiment_command("semid_trigram", 2) == [
+        "dvc", "exp", "run", "-S", "ranker.item_ids=semid", "-S", "ranker.history.item_ids=semid",
+        "-S", "ranker.parameterization=trigram", "-S", "ranker.seed=2", "--name", "semid_trigram-s2"]
+
+
+class FakeDvc:
+    """Stands in for subprocess.run: records each command and writes the metrics the run would leave."""
+
+    def __init__(self, write=True):
+        self.calls, self.write = [], write
+
+    def __call__(self, cmd, check):
+        assert check is True
+        self.calls.append(cmd)
+        params = dict(cmd[i + 1].split("=", 1) for i, arg in enumerate(cmd) if arg == "-S")
+        if self.write:
+            config = {"item_ids": params["ranker.item_ids"], "parameterization": params["ranker.parameterization"],
+                      "history": {"item_ids": params["ranker.history.item_ids"]}, "seed": int(params["ranker.seed"])}
+            metrics = {"ne": {"all": 0.9 + len(self.calls) / 1000}, "aar": None, "config": config}
+            Layout().metrics.mkdir(exist_ok=True)
+            (Layout().metrics / "ranker.json").write_text(json.dumps(metrics))
+
+
+def test_run_experiments_runs_dvc_and_reads_each_runs_metrics(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake, seen = FakeDvc(), []
+    results = run_experiments(["semid_prefix_ngram", "rh"], [0, 1], runner=fake,
+                              on_result=lambda rs: seen.append(len(rs)))
+    assert fake.calls == [
+        ["dvc", "exp", "run", "-S", "ranker.item_ids=semid", "-S", "ranker.history.item_ids=semid",
+         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=0", "--name", "semid_prefix_ngram-s0"],
+        ["dvc", "exp", "run", "-S", "ranker.item_ids=rh", "-S", "ranker.history.item_ids=rh",
+         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=0", "--name", "rh-s0"],
+        ["dvc", "exp", "run", "-S", "ranker.item_ids=semid", "-S", "ranker.history.item_ids=semid",
+         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=1", "--name", "semid_prefix_ngram-s1"],
+        ["dvc", "exp", "run", "-S", "ranker.item_ids=rh", "-S", "ranker.history.item_ids=rh",
+         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=1", "--name", "rh-s1"],
+    ]
+    assert [(r["experiment"], r["seed"], r["ne"]["all"]) for r in results] == [
+        ("semid_prefix_ngram", 0, 0.901), ("rh", 0, 0.902), ("semid_prefix_ngram", 1, 0.903), ("rh", 1, 0.904)]
+    assert results[1]["config"]["item_ids"] == "rh" and results[1]["aar"] is None
+    assert seen == [1, 2, 3, 4]
+
+
+def test_run_experiments_rejects_metrics_a_run_did_not_write(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = FakeDvc()
+    run_experiments(["semid_prefix_ngram"], [0], runner=fake)  # leaves a semid metrics file behind
+    fake.write = False
+    with pytest.raises(DataError, match=r"config.item_ids is 'semid' after experiment rh-s0, expected 'rh'"):
+        run_experiments(["rh"], [0], runner=fake)
+
+
+def test_run_experiments_without_a_metrics_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"ranker.json: not found after experiment ie-s3"):
+        run_experiments(["ie"], [3], runner=FakeDvc(write=False))
+
+
+def test_run_experiments_stops_at_a_failed_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def failing(cmd, check):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    with pytest.raises(subprocess.CalledProcessError):
+        run_experiments(["rh"], [0], runner=failing)
+
+
+def test_run_experiments_rejects_an_unknown_name():
+    with pytest.raises(Exception, match=r"unknown experiment\(s\) \['semid_fourgram'\]"):
+        run_experiments(["semid_fourgram"], [0], runner=FakeDvc())
+
+
+# --- the report ---
+
+def test_every_direction_holds():
+    report = directions_table(fabricate(GOOD))
+    # new: (0.900 - 0.950) / 0.950 = -5.263%, (0.900 - 0.960) / 0.960 = -6.250%
+    assert line(report, "a") == (
+        "- **(a)** SemID prefix-ngram beats RH and IE on new items: **holds**. NE(new) semid_prefix_ngram "
+        "0.90000 ±0.00100; vs rh 0.95000 ±0.00100: -5.263% (holds); vs ie 0.96000 ±0.00100: -6.250% (holds).")
+    assert "**holds**" in line(report, "b") and "-1.075%" in line(report, "b")  # (0.92 - 0.93) / 0.93
+    # all: (0.970 - 0.980) / 0.980 = -1.020%, (0.970 - 0.985) / 0.985 = -1.523%; tail and new for context
+    assert line(report, "c") == (
+        "- **(c)** prefix-ngram beats trigram and all-bigrams: **holds**. NE(all) semid_prefix_ngram 0.97000 "
+        "±0.00100; vs semid_trigram 0.98000 ±0.00100: -1.020% (holds); vs semid_all_bigrams 0.98500 ±0.00100: "
+        "-1.523% (holds). NE(tail): -0.541% vs semid_trigram, -0.648% vs semid_all_bigrams. "
+        "NE(new): -1.099% vs semid_trigram, -0.552% vs semid_all_bigrams.")
+    assert "**holds**" in line(report, "d") and "-50.000%" in line(report, "d")  # (0.05 - 0.10) / 0.10
+
+
+def test_the_table():
+    report = directions_table(fabricate(GOOD))
+    rows = [x for x in report.splitlines() if x.startswith("| ")]
+    assert rows[0] == ("| experiment | seeds | NE all | NE head | NE torso | NE tail | NE seen | NE new | AAR | "
+                       "drift sensitivity (all) |")
+    assert rows[1] == ("| semid_prefix_ngram | 0, 1, 2 | 0.97000 ±0.00100 | 0.95000 ±0.00100 | 0.95000 ±0.00100 "
+                       "| 0.92000 ±0.00100 | 0.95000 ±0.00100 | 0.90000 ±0.00100 | 0.0500 ±0.0010 "
+                       "| 0.00800 ±0.00000 |")
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| " + n for n in EXPERIMENTS]
+
+
+def test_a_single_seed_shows_no_spread():
+    report = directions_table(fabricate(GOOD, seeds=(1,)))
+    assert "| rh | 1 | 0.97200 | " in report
+    assert "**holds**" in line(report, "a")
+
+
+def test_a_direction_that_does_not_hold():
+    report = directions_table(fabricate(with_figure(GOOD, "rh", new=0.890)))
+    assert line(report, "a").startswith("- **(a)** SemID prefix-ngram beats RH and IE on new items: **does not hold**")
+    assert "vs rh 0.89000 ±0.00100: +1.124% (does not hold); vs ie" in line(report, "a")  # 0.9 / 0.89 - 1
+    assert "**holds**" in line(report, "b")
+
+
+def test_equal_means_do_not_hold():
+    assert "**does not hold**" in line(directions_table(fabricate(with_figure(GOOD, "rh", tail=0.920))), "b")
+
+
+def test_a_gap_within_the_seed_spread():
+    # means 0.9200 vs 0.9215: semid is lower, but its worst seed (0.9210) is above rh's best (0.9205)
+    report = directions_table(fabricate(with_figure(GOOD, "rh", tail=0.9215)))
+    assert "**within seed noise**" in line(report, "b")
+    assert "-0.163% (within seed noise)" in line(report, "b")
+    # one clear and one within noise: the direction is within noise
+    report = directions_table(fabricate(with_figure(GOOD, "ie", new=0.9005)))
+    assert "**within seed noise**" in line(report, "a") and "(holds); vs ie" in line(report, "a")
+
+
+def test_missing_figures_are_na():
+    results = fabricate(GOOD)
+    for r in results:
+        if r["experiment"] == "semid_prefix_ngram":
+            r["aar"] = None
+            if r["seed"] == 1:
+                r["ne"]["tail"] = None  # one seed lacking a figure makes the mean n/a
+        if r["experiment"] == "rh":
+            del r["drift_sensitivity"]
+    results = [r for r in results if r["experiment"] != "ie"]  # an experiment not run at all
+    report = directions_table(results)
+    assert "| ie |" not in report
+    assert "**n/a**" in line(report, "b") and "NE(tail) semid_prefix_ngram n/a; vs rh 0.93000" in line(report, "b")
+    assert "**n/a**" in line(report, "d") and "n/a (n/a)" in line(report, "d")
+    assert "vs ie n/a: n/a (n/a)" in line(report, "a") and "**n/a**" in line(report, "a")
+    assert "NE(tail): n/a vs semid_trigram" in line(report, "c") and "**holds**" in line(report, "c")
+    rh_row = next(x for x in report.splitlines() if x.startswith("| rh |"))
+    assert rh_row.endswith("| 0.1000 ±0.0010 | n/a |")
+
+
+def test_a_clear_failure_outweighs_a_missing_figure():
+    results = [r for r in fabricate(with_figure(GOOD, "rh", new=0.80)) if r["experiment"] != "ie"]
+    assert "**does not hold**" in line(directions_table(results), "a")
+
+
+def test_an_empty_or_odd_result_set_does_not_crash():
+    report = directions_table([])
+    assert all(f"- **({x})**" in report for x in "abcd") and report.count("**n/a**") == 4
+    odd = [{"experiment": "rh", "seed": 0, "ne": "broken", "aar": float("nan")},
+           {"experiment": "my_variant", "seed": 0, "ne": {"all": 0.9}}]
+    report = directions_table(odd)
+    assert "| my_variant | 0 | 0.90000 | n/a |" in report and "| rh | 0 | n/a |" in report
+
+
+# --- the command line ---
+
+def test_main_from_json(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(fabricate(GOOD)))
+    out = tmp_path / "reports" / "directions.md"
+    main(["--from-json", str(earlier), "--out", str(out)])
+    assert out.read_text() == directions_table(fabricate(GOOD))
+    assert json.loads(out.with_suffix(".json").read_text()) == fabricate(GOOD)
+
+
+def test_main_with_a_bad_results_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"seed": 0}]))
+    with pytest.raises(SystemExit) as info:
+        main(["--from-json", str(bad), "--out", str(tmp_path / "d.md")])
+    assert info.value.code == 1
+    assert "bad.json: result 0 should be an object with 'experiment' and 'seed'" in capsys.readouterr().err
+    assert not (tmp_path / "d.md").exists()
+
+
+def test_read_results_of_a_missing_file(tmp_path):
+    with pytest.raises(DataError, match="results file not found"):
+        read_results(tmp_path / "nope.json")
