@@ -197,6 +197,10 @@ def _metric_name(path: Sequence[str]) -> str:
     return "AAR" if tuple(path) == ("aar",) else f"NE({path[-1]})"
 
 
+def _digits(path: Sequence[str]) -> int:
+    return 4 if tuple(path) == ("aar",) else 5
+
+
 def _direction_line(d: Direction, results: list[dict]) -> str:
     ours = _stat(results, d.ours, d.metric)
     figures, statuses = [], []
@@ -204,9 +208,9 @@ def _direction_line(d: Direction, results: list[dict]) -> str:
         theirs = _stat(results, base, d.metric)
         status = _compare(ours, theirs)
         statuses.append(status)
-        figures.append(f"vs {base} {_cell(theirs)}: {_relative(ours, theirs)} ({status})")
+        figures.append(f"vs {base} {_cell(theirs, _digits(d.metric))}: {_relative(ours, theirs)} ({status})")
     line = (f"- **({d.label})** {d.claim}: **{_combine(statuses)}**. {_metric_name(d.metric)} {d.ours} "
-            f"{_cell(ours)}; " + "; ".join(figures) + ".")
+            f"{_cell(ours, _digits(d.metric))}; " + "; ".join(figures) + ".")
     for path in d.also:
         rel = [f"{_relative(_stat(results, d.ours, path), _stat(results, b, path))} vs {b}" for b in d.baselines]
         line += f" {_metric_name(path)}: " + ", ".join(rel) + "."
