@@ -1,0 +1,275 @@
+"""The ranker's examples (PAPER.md, "Ranker"): one row per impression, in time order, with the target item's
+SemID codes and the user's click history.
+
+window     train on [train_start, train_end), evaluate on [train_end, eval_end) right after it
+history    the user's last T clicks strictly before the impression (an impression's own click, and clicks at
+           the same timestamp, are never its history: no label leakage), oldest first, left-padded with -1,
+           each with an age bucket of (impression ts - click ts); clicks older than history.lookback_days
+           before the window start are not history
+codes      c1..cL of each item from the SemID entity store, -1 for an item without a SemID; a target item
+           without one is hashed by the model ("rh", counted) or refused ("fail")
+
+`build_examples` is the pure, vectorized core (polars + numpy, no loop per event: an as-of join finds each
+event's last earlier click, numpy gathers the T rows up to it); `iter_examples` streams it over day
+partitions with memory bounded by one day of events plus the clicks of the window and its lookback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from itertools import groupby
+
+import numpy as np
+import polars as pl
+import torch
+
+from components.contracts import DENSE_PREFIX
+from components.errors import DataError, ParamsError
+from components.params import RankerParams
+from components.semid import SemIdStore
+from components.storage import DataDir
+
+log = logging.getLogger(__name__)
+
+AGE_BUCKETS = 16  # history age: clamp(floor(log2(1 + age_hours)) + 1, 1, AGE_BUCKETS - 1); 0 = padding
+PAD = -1  # padding item ID and code; also the code of an item without a SemID
+MISSING_SEMID = ("rh", "fail")
+EXAMPLES = 5  # item IDs quoted in an error message
+US_PER_HOUR = 3_600_000_000
+# floor(log2(1 + h)) = floor(log2(1 + floor(h))) as 2^k - 1 is an integer, so the bucket of an age is a table
+# lookup by its whole hours q: bit_length(1 + q), clamped; q >= 2^(AGE_BUCKETS - 2) - 1 all share the last
+# bucket. The extra last entry, 0, is the padding's: it is read at index -1 (see `age_bucket`).
+AGE_CAP = 2 ** (AGE_BUCKETS - 2) - 1
+AGE_OF_HOURS = np.array([min((1 + q).bit_length(), AGE_BUCKETS - 1) for q in range(AGE_CAP + 1)] + [0])
+
+
+def utc_midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------- window
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    train_start: dt.datetime  # UTC aware
+    train_end: dt.datetime  # = eval_start
+    eval_end: dt.datetime
+
+
+def ranker_window(p: RankerParams, data: DataDir) -> Window:
+    """The training window and the evaluation period right after it. train_end is `ranker.train_end` (midnight
+    UTC) or, when unset, eval_hours before the end of the data (the day after the last events partition)."""
+    for name, value in (("train_days", p.train_days), ("eval_hours", p.eval_hours)):
+        if value < 1:
+            raise ParamsError(f"ranker.{name} is {value}, expected an integer >= 1")
+    days = [day for day, _ in data.event_files()]
+    if not days:
+        raise DataError(f"{data.events}: no events files (expected {data.events}/date=YYYY-MM-DD/*.parquet)")
+    data_start, data_end = utc_midnight(days[0]), utc_midnight(days[-1]) + dt.timedelta(days=1)
+    eval_length = dt.timedelta(hours=p.eval_hours)
+    train_end = data_end - eval_length if p.train_end is None else utc_midnight(p.train_end)
+    window = Window(train_end - dt.timedelta(days=p.train_days), train_end, train_end + eval_length)
+    span = f"the events in {data.events} cover [{data_start:%Y-%m-%d}, {data_end:%Y-%m-%d})"
+    set_by = "ranker.train_end" if p.train_end is not None else "ranker.eval_hours"
+    if window.train_start < data_start:
+        raise DataError(f"training window [{window.train_start:%Y-%m-%d %H:%M}, {train_end:%Y-%m-%d %H:%M}) "
+                        f"starts before the data: {span}; lower ranker.train_days ({p.train_days}) or move "
+                        f"{set_by}")
+    if window.eval_end > data_end:
+        raise DataError(f"evaluation window [{train_end:%Y-%m-%d %H:%M}, {window.eval_end:%Y-%m-%d %H:%M}) "
+                        f"ends after the data: {span}; move ranker.train_end ({p.train_end}) or lower "
+                        f"ranker.eval_hours ({p.eval_hours})")
+    return window
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+
+@dataclasses.dataclass
+class Examples:
+    """One time-ordered slice of training or evaluation examples (numpy arrays, row i = one impression)."""
+    ts: np.ndarray  # (N,) int64 microseconds since epoch UTC
+    user_id: np.ndarray  # (N,) int64
+    item_id: np.ndarray  # (N,) int64 raw ID of the target item
+    label: np.ndarray  # (N,) float32 clicked
+    dense: np.ndarray  # (N, F) float32, columns dense_columns (sorted f_* names); F may be 0
+    codes: np.ndarray  # (N, L) int64 SemID codes of the target item; -1 where it has none; L = 0 without a store
+    hist_item: np.ndarray  # (N, T) int64 the user's last T clicks before ts, oldest first, left-padded with -1
+    hist_codes: np.ndarray  # (N, T, L) int64 codes of those items, -1 for padding or an item without a SemID
+    hist_age: np.ndarray  # (N, T) int64 age bucket of each history click, 0 for padding
+    dense_columns: list[str]
+    missing_semid: int  # events whose target item has no SemID
+
+    BATCH_KEYS = ("label", "dense", "item_id", "codes", "hist_item", "hist_codes", "hist_age", "ts")
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Consecutive rows in order, batch_size at a time (the last batch may be short); tensors share memory
+        with the arrays."""
+        if batch_size < 1:
+            raise ParamsError(f"ranker.batch_size is {batch_size}, expected an integer >= 1")
+        arrays = {key: getattr(self, key) for key in self.BATCH_KEYS}
+        for lo in range(0, len(self), batch_size):
+            yield {key: torch.from_numpy(a[lo:lo + batch_size]) for key, a in arrays.items()}
+
+    @staticmethod
+    def concat(parts: list[Examples]) -> Examples:
+        """The parts one after the other (callers pass them in time order)."""
+        if not parts:
+            raise ValueError("Examples.concat needs at least one part")
+        first = parts[0]
+        for part in parts[1:]:
+            if part.dense_columns != first.dense_columns:
+                raise DataError(f"events change their dense features from {first.dense_columns} to "
+                                f"{part.dense_columns}; every events file must carry the same f_* columns")
+        arrays = {f.name: np.concatenate([getattr(part, f.name) for part in parts])
+                  for f in dataclasses.fields(Examples) if f.name not in ("dense_columns", "missing_semid")}
+        return Examples(**arrays, dense_columns=list(first.dense_columns),
+                        missing_semid=sum(part.missing_semid for part in parts))
+
+
+def age_bucket(age_us: np.ndarray) -> np.ndarray:
+    """clamp(floor(log2(1 + age_hours)) + 1, 1, AGE_BUCKETS - 1) of ages > 0 (exact, integer arithmetic);
+    0 for ages < 0, which mark padding. Overwrites age_us (a temporary the size of the history)."""
+    hours = np.floor_divide(age_us, US_PER_HOUR, out=age_us)  # -1 or less for a negative age
+    np.clip(hours, -1, AGE_CAP, out=hours)
+    return AGE_OF_HOURS.take(hours)
+
+
+def semid_codes(item_id: pl.Series, store: SemIdStore | None) -> tuple[np.ndarray, np.ndarray]:
+    """(codes (n, L) int64, -1 rows for items without a SemID; found (n,) bool), a join on item_id;
+    L = 0 without a store."""
+    if store is None:
+        return np.empty((len(item_id), 0), np.int64), np.zeros(len(item_id), bool)
+    columns = store.code_columns
+    table = store.table.select("item_id", *(pl.col(c).cast(pl.Int64) for c in columns))
+    if any(table.null_count().row(0)):
+        raise DataError(f"{store.path}: SemID store has null item_id or codes, expected integers in every "
+                        f"item_id, {', '.join(columns)}")
+    joined = item_id.to_frame("item_id").join(table, on="item_id", how="left", maintain_order="left",
+                                               validate="m:1")
+    found = joined[columns[0]].is_not_null().to_numpy()
+    return joined.select(pl.col(columns).fill_null(PAD)).to_numpy(order="c"), found
+
+
+def check_missing_semid(missing_semid: str) -> None:
+    if missing_semid not in MISSING_SEMID:
+        raise ParamsError(f"ranker.missing_semid is {missing_semid!r}, expected one of {list(MISSING_SEMID)}")
+
+
+def history_bounds(events: pl.DataFrame, clicks: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(first, end) per event: its history lies in rows [first, end) of `clicks` (sorted by user, ts), where
+    `end` is one past the user's last click with click.ts < event.ts, found by one as-of join (backward, exact
+    timestamps excluded); first = end = 0 for an event with no earlier click."""
+    right = (clicks.select("ts", "user_id", end=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
+             .with_columns(first=pl.col("end").min().over("user_id") - 1)
+             .sort("ts", "end"))  # among clicks at one ts the backward search takes the last row: the newest
+    bounds = events.select("ts", "user_id").join_asof(
+        right, on="ts", by="user_id", strategy="backward", allow_exact_matches=False,
+        check_sortedness=False)  # both sides are sorted by ts; polars cannot check that within `by` groups
+    return bounds["first"].fill_null(0).to_numpy(), bounds["end"].fill_null(0).to_numpy()
+
+
+def build_examples(events: pl.DataFrame, clicks: pl.DataFrame, store: SemIdStore | None, history_length: int,
+                   missing_semid: str = "rh") -> Examples:
+    """Examples of `events` (rows of the events contract, any span), history drawn from `clicks` (user_id,
+    item_id, ts of clicked events; any order, any span): rows sorted by ts (stable). Without a store there
+    are no codes (L = 0) and no SemID is missing."""
+    check_missing_semid(missing_semid)
+    if history_length < 0:
+        raise ParamsError(f"ranker.history.length is {history_length}, expected an integer >= 0")
+    us = pl.col("ts").dt.cast_time_unit("us").cast(pl.Int64)
+    dense_columns = sorted(c for c in events.columns if c.startswith(DENSE_PREFIX))
+    events = events.select(us, "user_id", "item_id", "clicked", *dense_columns).sort("ts", maintain_order=True)
+    clicks = clicks.select("user_id", "item_id", us).sort("user_id", "ts", maintain_order=True)
+
+    ts, user_id, item_id = (events[c].to_numpy(writable=True) for c in ("ts", "user_id", "item_id"))
+    codes, found = semid_codes(events["item_id"], store)
+    missing = 0 if store is None else int(len(found) - found.sum())
+    if missing and missing_semid == "fail":
+        absent = np.unique(item_id[~found])
+        raise DataError(f"{missing} event(s) on {len(absent)} item(s) without a SemID in {store.path} "
+                        f"(e.g. item_id {absent[:EXAMPLES].tolist()}), and ranker.missing_semid is 'fail'; "
+                        f"run `semid backfill` for them or set ranker.missing_semid: rh")
+
+    # (N, T) rows of the clicks, oldest first; the last T of [first, end), left-padded with row M: the padding
+    # row, with item -1, codes -1 and a time after every event (age < 0, bucket 0)
+    first, end = history_bounds(events, clicks)
+    index = end[:, None] + np.arange(-history_length, 0)
+    np.putmask(index, index < first[:, None], len(clicks))
+    click_item = np.r_[clicks["item_id"].to_numpy(), PAD]
+    click_codes = np.concatenate([semid_codes(clicks["item_id"], store)[0], np.full((1, codes.shape[1]), PAD)])
+    click_ts = np.r_[clicks["ts"].to_numpy(), ts[-1] + 1 if len(ts) else 0]
+    age = click_ts.take(index)
+    np.subtract(ts[:, None], age, out=age)  # > 0 off the padding: clicks strictly before ts
+    return Examples(
+        ts=ts, user_id=user_id, item_id=item_id,
+        label=events["clicked"].to_numpy().astype(np.float32),
+        dense=events.select(dense_columns).to_numpy(order="c").astype(np.float32, copy=False).reshape(
+            len(events), len(dense_columns)),
+        codes=codes,
+        hist_item=click_item.take(index),
+        hist_codes=click_codes.take(index, axis=0),
+        hist_age=age_bucket(age),
+        dense_columns=dense_columns, missing_semid=missing)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def day_files(data: DataDir, start: dt.datetime, end: dt.datetime) -> list[tuple[dt.date, list]]:
+    """The events files of each partition day that overlaps [start, end), in day order."""
+    files = [(day, f) for day, f in data.event_files()
+             if utc_midnight(day) < end and utc_midnight(day) + dt.timedelta(days=1) > start]
+    return [(day, [f for _, f in group]) for day, group in groupby(files, key=lambda x: x[0])]
+
+
+def in_window(start: dt.datetime, end: dt.datetime) -> pl.Expr:
+    return (pl.col("ts") >= start) & (pl.col("ts") < end)
+
+
+def load_clicks(data: DataDir, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
+    """user_id, item_id, ts of the clicked events with start <= ts < end, sorted by (user_id, ts); reads only
+    the partitions of those days and only these columns."""
+    files = [f for _, group in day_files(data, start, end) for f in group]
+    if not files:
+        return pl.DataFrame(schema={"user_id": pl.Int64, "item_id": pl.Int64, "ts": pl.Datetime("us", "UTC")})
+    return (pl.scan_parquet(files).select("user_id", "item_id", "ts", "clicked")
+            .filter(in_window(start, end) & (pl.col("clicked") == 1))
+            .select("user_id", "item_id", pl.col("ts").dt.cast_time_unit("us"))
+            .sort("user_id", "ts", maintain_order=True).collect())
+
+
+def iter_examples(data: DataDir, start: dt.datetime, end: dt.datetime, store: SemIdStore | None,
+                  p: RankerParams) -> Iterator[Examples]:
+    """Examples of the events with start <= ts < end, one Examples per day partition in day order (days with
+    no such events are skipped). History clicks reach back to start - history.lookback_days, never to or past
+    an event's ts."""
+    check_missing_semid(p.missing_semid)
+    if p.history.lookback_days < 0:
+        raise ParamsError(f"ranker.history.lookback_days is {p.history.lookback_days}, expected >= 0")
+    clicks = load_clicks(data, start - dt.timedelta(days=p.history.lookback_days), end)
+    for _, files in day_files(data, start, end):
+        events = pl.scan_parquet(files).filter(in_window(start, end)).collect()
+        if not len(events):
+            continue
+        earlier = clicks.filter(pl.col("ts") < events["ts"].max())  # all any of the day's events can see
+        yield build_examples(events, earlier, store, p.history.length, p.missing_semid)
+
+
+def load_examples(data: DataDir, start: dt.datetime, end: dt.datetime, store: SemIdStore | None,
+                  p: RankerParams, name: str = "") -> Examples:
+    """All examples of [start, end) in one Examples; `name` ("training", "evaluation") goes into the error."""
+    parts = list(iter_examples(data, start, end, store, p))
+    if not parts:
+        raise DataError(f"{data.events}: no events in [{start:%Y-%m-%d %H:%M}, {end:%Y-%m-%d %H:%M}) UTC "
+                        f"(empty {name + ' ' if name else ''}window)")
+    examples = Examples.concat(parts)
+    log.info("ranker examples [%s, %s): %s rows, %s without a SemID", f"{start:%Y-%m-%d %H:%M}",
+             f"{end:%Y-%m-%d %H:%M}", f"{len(examples):,}", f"{examples.missing_semid:,}")
+    return examples
