@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 AGE_BUCKETS = 16  # history age: clamp(floor(log2(1 + age_hours)) + 1, 1, AGE_BUCKETS - 1); 0 = padding
 PAD = -1  # padding item ID and code; also the code of an item without a SemID
+PAD_TS = 2 ** 62  # the padding's click time, microseconds (year 148,000): after every event, so its age is < 0
 MISSING_SEMID = ("rh", "fail")
 EXAMPLES = 5  # item IDs quoted in an error message
 US_PER_HOUR = 3_600_000_000
@@ -162,32 +163,56 @@ def check_missing_semid(missing_semid: str) -> None:
         raise ParamsError(f"ranker.missing_semid is {missing_semid!r}, expected one of {list(MISSING_SEMID)}")
 
 
-def history_bounds(events: pl.DataFrame, clicks: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """(first, end) per event: its history lies in rows [first, end) of `clicks` (sorted by user, ts), where
-    `end` is one past the user's last click with click.ts < event.ts, found by one as-of join (backward, exact
-    timestamps excluded); first = end = 0 for an event with no earlier click."""
-    right = (clicks.select("ts", "user_id", end=pl.int_range(1, pl.len() + 1, dtype=pl.Int64))
-             .with_columns(first=pl.col("end").min().over("user_id") - 1)
-             .sort("ts", "end"))  # among clicks at one ts the backward search takes the last row: the newest
+@dataclasses.dataclass(frozen=True)
+class ClickHistory:
+    """The clicks that may serve as history, prepared once for any number of events: rows sorted by (user, ts),
+    row M (one past the last click) is the padding, with item -1, codes -1 and a time after every event."""
+    by_ts: pl.DataFrame  # ts, user_id, first, end: the click's row + 1 (end) and its user's first row, by ts
+    item: np.ndarray  # (M + 1,) int64
+    codes: np.ndarray  # (M + 1, L) int64
+    ts: np.ndarray  # (M + 1,) int64 microseconds
+
+
+def click_history(clicks: pl.DataFrame, store: SemIdStore | None) -> ClickHistory:
+    """Prepare `clicks` (user_id, item_id, ts of clicked events; any order, any span) as history; clicks of one
+    user at one timestamp keep their order in `clicks`."""
+    clicks = (clicks.select("user_id", "item_id", pl.col("ts").dt.cast_time_unit("us").cast(pl.Int64))
+              .sort("user_id", "ts", maintain_order=True)
+              .with_columns(end=pl.int_range(1, pl.len() + 1, dtype=pl.Int64)))
+    by_ts = (clicks.select("ts", "user_id", "end", first=pl.col("end").min().over("user_id") - 1)
+             .sort("ts", "end"))  # among clicks at one ts the as-of join takes the last row: the newest
+    codes = semid_codes(clicks["item_id"], store)[0]
+    return ClickHistory(by_ts, item=np.r_[clicks["item_id"].to_numpy(), PAD],
+                        codes=np.concatenate([codes, np.full((1, codes.shape[1]), PAD)]),
+                        ts=np.r_[clicks["ts"].to_numpy(), PAD_TS])
+
+
+def history_index(events: pl.DataFrame, history: ClickHistory, length: int) -> np.ndarray:
+    """(N, T) rows of the history of each event (ts-sorted frame with ts in microseconds), oldest first: the
+    last T of its user's clicks with click.ts < event.ts, found by one as-of join (backward, exact timestamps
+    excluded), left-padded with row M."""
     bounds = events.select("ts", "user_id").join_asof(
-        right, on="ts", by="user_id", strategy="backward", allow_exact_matches=False,
+        history.by_ts, on="ts", by="user_id", strategy="backward", allow_exact_matches=False,
         check_sortedness=False)  # both sides are sorted by ts; polars cannot check that within `by` groups
-    return bounds["first"].fill_null(0).to_numpy(), bounds["end"].fill_null(0).to_numpy()
+    first, end = (bounds[c].fill_null(0).to_numpy() for c in ("first", "end"))  # no earlier click: [0, 0)
+    index = end[:, None] + np.arange(-length, 0)
+    np.putmask(index, index < first[:, None], len(history.ts) - 1)
+    return index
 
 
-def build_examples(events: pl.DataFrame, clicks: pl.DataFrame, store: SemIdStore | None, history_length: int,
-                   missing_semid: str = "rh") -> Examples:
+def build_examples(events: pl.DataFrame, clicks: pl.DataFrame | ClickHistory, store: SemIdStore | None,
+                   history_length: int, missing_semid: str = "rh") -> Examples:
     """Examples of `events` (rows of the events contract, any span), history drawn from `clicks` (user_id,
-    item_id, ts of clicked events; any order, any span): rows sorted by ts (stable). Without a store there
-    are no codes (L = 0) and no SemID is missing."""
+    item_id, ts of clicked events; any order, any span; or a ClickHistory of them, to prepare once for many
+    calls, prepared with the same store): rows sorted by ts (stable). Without a store there are no codes
+    (L = 0) and no SemID is missing."""
     check_missing_semid(missing_semid)
     if history_length < 0:
         raise ParamsError(f"ranker.history.length is {history_length}, expected an integer >= 0")
-    us = pl.col("ts").dt.cast_time_unit("us").cast(pl.Int64)
     dense_columns = sorted(c for c in events.columns if c.startswith(DENSE_PREFIX))
-    events = events.select(us, "user_id", "item_id", "clicked", *dense_columns).sort("ts", maintain_order=True)
-    clicks = clicks.select("user_id", "item_id", us).sort("user_id", "ts", maintain_order=True)
-
+    events = (events.select(pl.col("ts").dt.cast_time_unit("us").cast(pl.Int64), "user_id", "item_id", "clicked",
+                            *dense_columns)
+              .sort("ts", maintain_order=True))
     ts, user_id, item_id = (events[c].to_numpy(writable=True) for c in ("ts", "user_id", "item_id"))
     codes, found = semid_codes(events["item_id"], store)
     missing = 0 if store is None else int(len(found) - found.sum())
@@ -197,24 +222,18 @@ def build_examples(events: pl.DataFrame, clicks: pl.DataFrame, store: SemIdStore
                         f"(e.g. item_id {absent[:EXAMPLES].tolist()}), and ranker.missing_semid is 'fail'; "
                         f"run `semid backfill` for them or set ranker.missing_semid: rh")
 
-    # (N, T) rows of the clicks, oldest first; the last T of [first, end), left-padded with row M: the padding
-    # row, with item -1, codes -1 and a time after every event (age < 0, bucket 0)
-    first, end = history_bounds(events, clicks)
-    index = end[:, None] + np.arange(-history_length, 0)
-    np.putmask(index, index < first[:, None], len(clicks))
-    click_item = np.r_[clicks["item_id"].to_numpy(), PAD]
-    click_codes = np.concatenate([semid_codes(clicks["item_id"], store)[0], np.full((1, codes.shape[1]), PAD)])
-    click_ts = np.r_[clicks["ts"].to_numpy(), ts[-1] + 1 if len(ts) else 0]
-    age = click_ts.take(index)
-    np.subtract(ts[:, None], age, out=age)  # > 0 off the padding: clicks strictly before ts
+    history = clicks if isinstance(clicks, ClickHistory) else click_history(clicks, store)
+    index = history_index(events, history, history_length)
+    age = history.ts.take(index)
+    np.subtract(ts[:, None], age, out=age)  # > 0 off the padding (clicks strictly before ts), < 0 on it
     return Examples(
         ts=ts, user_id=user_id, item_id=item_id,
         label=events["clicked"].to_numpy().astype(np.float32),
         dense=events.select(dense_columns).to_numpy(order="c").astype(np.float32, copy=False).reshape(
             len(events), len(dense_columns)),
         codes=codes,
-        hist_item=click_item.take(index),
-        hist_codes=click_codes.take(index, axis=0),
+        hist_item=history.item.take(index),
+        hist_codes=history.codes.take(index, axis=0),
         hist_age=age_bucket(age),
         dense_columns=dense_columns, missing_semid=missing)
 
@@ -253,13 +272,11 @@ def iter_examples(data: DataDir, start: dt.datetime, end: dt.datetime, store: Se
     check_missing_semid(p.missing_semid)
     if p.history.lookback_days < 0:
         raise ParamsError(f"ranker.history.lookback_days is {p.history.lookback_days}, expected >= 0")
-    clicks = load_clicks(data, start - dt.timedelta(days=p.history.lookback_days), end)
+    history = click_history(load_clicks(data, start - dt.timedelta(days=p.history.lookback_days), end), store)
     for _, files in day_files(data, start, end):
         events = pl.scan_parquet(files).filter(in_window(start, end)).collect()
-        if not len(events):
-            continue
-        earlier = clicks.filter(pl.col("ts") < events["ts"].max())  # all any of the day's events can see
-        yield build_examples(events, earlier, store, p.history.length, p.missing_semid)
+        if len(events):
+            yield build_examples(events, history, store, p.history.length, p.missing_semid)
 
 
 def load_examples(data: DataDir, start: dt.datetime, end: dt.datetime, store: SemIdStore | None,
