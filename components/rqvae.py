@@ -1,6 +1,6 @@
 """The Semantic ID model: content embedding x -> coarse-to-fine codes (c_1, ..., c_L). PAPER.md, section 2.
 
-    x_n  = (x - mean) / std                      input normalisation (std floored: dead dimensions exist)
+    x_n  = (x - mean) / (std sqrt(D))            input normalisation: standardised, E||x_n||^2 = 1
     z    = enc(x_n)                              MLP, D -> D'
     c, z_q, L_q = ResidualQuantizer(z)           L codebooks of K vectors (components/quantizer.py)
     x_hat = dec(z + sg(z_q - z))                 MLP, D' -> D; straight-through gradient to the encoder
@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -108,7 +109,10 @@ def _train(x: torch.Tensor, p: RQVAEParams, progress) -> tuple[SemanticIdModel, 
     model = SemanticIdModel(config_of(p, x.shape[1]))
     if p.normalize_input:
         model.mean.copy_(x.mean(0))
-        model.std.copy_(x.std(0).clamp_min(STD_FLOOR))
+        # Each dimension standardised (std floored), then all scaled by 1/sqrt(D) so an item has norm ~1 like
+        # the unit-norm input of a CU model: at per-dimension scale 1 (norm ~sqrt(D)) the reconstruction term
+        # outweighs the quantizer and the latent merges items (200k benchmark items: 20.5% collisions vs 8.2%).
+        model.std.copy_(x.std(0).clamp_min(STD_FLOOR) * math.sqrt(x.shape[1]))
     if p.method == "rqkmeans":
         model.quantizer.init_kmeans(model.normalize(x), p.seed, p.kmeans_iterations)
         return model, [{"step": 0, "utilization": utilization(model.assign(x), p.codebook_size)}]
