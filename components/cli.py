@@ -103,6 +103,22 @@ def rqvae_train(params: ParamsFile = Path("params.yaml")) -> None:
     run_train_rqvae(load_params(params).rqvae, Layout())
 
 
+ranker_app = typer.Typer(no_args_is_help=True, help="The DLRM-style ranker that consumes the SemIDs.")
+app.add_typer(ranker_app, name="ranker")
+
+
+@ranker_app.command("train")
+@stage
+def ranker_train(params: ParamsFile = Path("params.yaml")) -> None:
+    """One time-ordered pass over ranker.train_days, NE by segment on the next ranker.eval_hours, and
+    champion/challenger promotion (models/ranker/champion.json moves only if NE is not worse)."""
+    from components.params import load_params
+    from components.storage import Layout
+    from components.train_ranker import run_train_ranker
+
+    run_train_ranker(load_params(params).ranker, Layout())
+
+
 @app.command()
 @stage
 def backfill(

@@ -98,7 +98,7 @@ class HistoryParams:
     """The user-history module of the ranker: the user's previous clicks, newest last."""
     length: int = 20  # T: clicks kept per example (left-padded, older ones dropped)
     item_ids: str = "semid"  # how history items are embedded: "ie" | "rh" | "semid"
-    aggregation: str = "transformer"  # "bypass" | "transformer" | "pma"
+    aggregation: str = "bypass"  # "bypass" | "transformer" | "pma"
     seeds: int = 32  # PMA: learned query vectors d_s
     heads: int = 2  # attention heads (transformer, pma)
     lookback_days: int = 30  # clicks older than this before the training window are not history
@@ -118,12 +118,12 @@ class RankerParams:
     collision_factor: float = 3.0  # RH and SemID tables: H = ceil(training items / collision_factor)
     missing_semid: str = "rh"  # items without a SemID: "rh" (hash their raw ID, counted) | "fail"
     train_end: dt.date | None = None  # end (exclusive) of training; None: eval_hours before the data's end
-    train_days: int = 14
+    train_days: int = 42
     eval_hours: int = 24
     embedding_dim: int = 32
     dense_hidden: tuple[int, ...] = (64,)
     top_hidden: tuple[int, ...] = (128, 64)
-    batch_size: int = 1024
+    batch_size: int = 256
     lr: float = 0.001  # Adam, dense parameters
     sparse_lr: float = 0.05  # Adagrad, embedding tables (sparse gradients)
     seed: int = 0

@@ -16,7 +16,8 @@ SMALL_WORLD = {"days": 10, "active_items": 200, "impressions_per_day": 3000, "us
 FAST_EMBED = {"encoder": "hashing-test"}
 FAST_RQVAE = {"codebook_size": 16, "latent_dim": 8, "hidden_dims": [32], "steps": 150, "warmup_steps": 50,
               "batch_size": 256, "restart_every": 25, "max_collision_rate": 0.3}
-STAGES = ["generate", "validate", "embed", "train_rqvae", "backfill"]
+FAST_RANKER = {"train_days": 6, "eval_hours": 48}
+STAGES = ["generate", "validate", "embed", "train_rqvae", "backfill", "train_ranker"]
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -38,6 +39,8 @@ def repo(tmp_path) -> Path:
     params["world"].update(SMALL_WORLD)
     params["embed"].update(FAST_EMBED)
     params["rqvae"].update(FAST_RQVAE)
+    params["ranker"].update(FAST_RANKER)
+    params["ranker"]["history"]["length"] = 8
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], tmp_path)
     run(["git", "add", "-A"], tmp_path)
@@ -61,8 +64,12 @@ def test_dvc_repro_caches_and_reports_metrics(repo):
     version = figures["metrics/rqvae.json"]["codebook_version"]
     assert figures["metrics/backfill.json"]["codebook_version"] == version
     assert figures["metrics/backfill.json"]["items"] == figures["metrics/embed.json"]["items"]
+    ranker = figures["metrics/ranker.json"]
+    assert ranker["codebook_version"] == version and ranker["promotion"]["promoted"] is True
+    assert set(ranker["ne"]) == {"all", "head", "torso", "tail", "seen", "new"}
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     assert "reports/rqvae/utilization.csv" in plots and "reports/rqvae/cluster_sizes.csv" in plots
+    assert "reports/ranker/ne_by_segment.csv" in plots
 
 
 def test_dvc_exp_run_sets_params(repo):
@@ -72,6 +79,14 @@ def test_dvc_exp_run_sets_params(repo):
     assert world["params"]["seed"] == 11
     table = run(["dvc", "exp", "show", "--json"], repo).stdout
     assert "seed11" in table
+    # A ranker setting changes only the ranker: `dvc exp show` tabulates NE by segment per experiment.
+    rh = run(["dvc", "exp", "run", "-S", "ranker.item_ids=rh", "-S", "ranker.history.item_ids=rh", "-n", "rh"], repo)
+    assert "Running stage 'train_ranker'" in rh.stdout and "Running stage 'embed'" not in rh.stdout
+    assert json.loads((repo / "metrics" / "ranker.json").read_text())["config"]["item_ids"] == "rh"
+    shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
+    header = shown.splitlines()[0].split(",")
+    assert {f"ne.{s}" for s in ("all", "head", "torso", "tail", "seen", "new")} <= set(header)
+    assert any(line.startswith("rh,") for line in shown.splitlines())
 
 
 def test_prefect_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
@@ -93,10 +108,12 @@ def test_switching_data_source_runs_the_pipeline_on_movielens(repo):
         pytest.skip(f"{sample} not present")
     # 9,742 movies cannot get distinct SemIDs from the fast test codebooks (K=16): only the path is tested here.
     run(["dvc", "exp", "run", "-S", "data.source=movielens", "-S", f"data.movielens_dir={sample}",
-         "-S", "rqvae.max_collision_rate=1.0"], repo)
+         "-S", "rqvae.max_collision_rate=1.0", "-S", "ranker.train_days=730", "-S", "ranker.eval_hours=720"], repo)
     metrics = json.loads((repo / "metrics" / "validation.json").read_text())
     assert metrics["success"] is True
     assert metrics["items"]["rows"] == 9_742 and metrics["events"]["rows"] == 100_836
     assert metrics["window"] == {"start": "1996-03-29", "end": "2018-09-25"}
     backfill = json.loads((repo / "metrics" / "backfill.json").read_text())
     assert backfill["items"] == 9_742
+    ranker = json.loads((repo / "metrics" / "ranker.json").read_text())  # ratings >= 4 as clicks, no f_* features
+    assert ranker["examples"]["eval"] > 500 and ranker["ne"]["all"] is not None

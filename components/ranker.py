@@ -1,0 +1,191 @@
+"""The DLRM-style ranker of PAPER.md, section Ranker: which items a user clicks, from item IDs, dense features
+and the user's click history.
+
+    x_d = MLP_dense((f - mean) / std)                                   (B, d)    dense module
+    x_i = sum_g E[row_g(item)]                                          (B, d)    sparse module, sum-pooled
+    X   = [sum_g E'[row_g(h_t)] + A[age_t]  for t = 1..T]               (B, T, d) user history, oldest first
+    Y   = aggregate(X): bypass X W | transformer block | PMA block      (B, m, d)
+    z   = [x_d . x_i, x_d . Y_j, x_i . Y_j, Y_j . Y_k  (all pairs)]     (B, n(n-1)/2), n = 2 + m
+    p   = sigmoid(MLP_top([x_d, z]))                                    click probability, trained with BCE
+
+Item rows (ItemLookup), for `item_ids`:
+    ie     one row per raw ID known when the model is built; an ID first seen in evaluation has a row that was
+           never trained (as in the paper), an ID unknown to the model one shared untrained row
+    rh     h(raw ID) mod H, a multiplicative hash
+    semid  the SemID codes through a token parameterization (components/parameterization.py), mod H
+H = ceil(training items / collision_factor) for rh and semid. An item without a SemID falls back to its rh row.
+
+Transformer block (T queries) and PMA block (d_s learned seed queries), positional embeddings P added first:
+    X1 = Attn(Q = LN(S or X + P), K = V = LN(X + P)) + (S or X + P);  X2 = MLP(LN(X1)) + X1
+Padding positions are a learned token (age bucket 0, no item row) and are not masked out: the attention
+diagnostics measure how much attention goes to padding, as in the paper.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from components import parameterization
+from components.ranker_data import AGE_BUCKETS
+
+HASH_PRIME = 2**31 - 1  # rh: h(id) = ((id mod P) * HASH_MULTIPLIER mod P) mod H, a universal-family member
+HASH_MULTIPLIER = 1_103_515_245
+
+
+def mlp(dims: list[int], last_activation: bool = False) -> nn.Sequential:
+    """Linear layers with ReLU between them (and after the last one when asked)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims, dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2 or last_activation:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def hash_rows(item_id: torch.Tensor, H: int) -> torch.Tensor:
+    return (item_id % HASH_PRIME) * HASH_MULTIPLIER % HASH_PRIME % H
+
+
+class ItemLookup(nn.Module):
+    """Raw item IDs (+ SemID codes) -> sum of G embedding rows. Row `rows` of the table is the padding row:
+    zero and never trained (EmbeddingBag's padding_idx), used for history padding and unused slots."""
+
+    def __init__(self, kind: str, d: int, rows: int, codebook_size: int = 0, parameterization: str = "",
+                 ngram_depth: int | None = None, vocabulary: torch.Tensor | None = None):
+        super().__init__()
+        self.kind, self.rows, self.K = kind, rows, codebook_size
+        self.parameterization, self.ngram_depth = parameterization, ngram_depth
+        # ie: sorted raw IDs; row i belongs to vocabulary[i], row len(vocabulary) to every unknown ID
+        self.register_buffer("vocabulary", vocabulary if vocabulary is not None else torch.empty(0, dtype=torch.int64))
+        self.table = nn.EmbeddingBag(rows + 1, d, mode="sum", sparse=True, padding_idx=rows)
+        nn.init.normal_(self.table.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.table.weight[rows].zero_()
+
+    def row_indices(self, item_id: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """(B,) raw IDs (-1: padding) and (B, L) codes (-1: no SemID) -> (B, G) table rows."""
+        pad = item_id < 0
+        if self.kind == "ie":
+            i = torch.searchsorted(self.vocabulary, item_id).clamp_max(len(self.vocabulary) - 1)
+            known = self.vocabulary[i] == item_id
+            rows = torch.where(known, i, len(self.vocabulary))[:, None]  # (B, 1)
+        elif self.kind == "rh":
+            rows = hash_rows(item_id, self.rows)[:, None]  # (B, 1)
+        else:
+            rows = parameterization.row_indices(codes.clamp_min(0), self.parameterization, self.K, self.rows,
+                                                self.ngram_depth)  # (B, G)
+            no_semid = (codes[:, 0] < 0)[:, None]
+            fallback = torch.full_like(rows, self.rows)
+            fallback[:, 0] = hash_rows(item_id, self.rows)
+            rows = torch.where(no_semid, fallback, rows)
+        return torch.where(pad[:, None], self.rows, rows)
+
+    def forward(self, item_id: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return self.table(self.row_indices(item_id, codes))  # (B, d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention written out, so the weights A (B, heads, Tq, S) can be returned for diagnostics."""
+
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.out = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Tq, d = queries.shape
+        S, h = keys.shape[1], self.heads
+        q = self.q(queries).view(B, Tq, h, d // h).transpose(1, 2)  # (B, h, Tq, dh)
+        k, v = self.kv(keys).view(B, S, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, S, dh) each
+        A = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d // h), dim=-1)  # (B, h, Tq, S)
+        y = (A @ v).transpose(1, 2).reshape(B, Tq, d)
+        return self.out(y), A
+
+
+class Bypass(nn.Module):
+    """Y = X W: each history item projected, no mixing across positions."""
+
+    def __init__(self, d: int, T: int):
+        super().__init__()
+        self.W = nn.Linear(d, d, bias=False)
+
+    def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.W(X), None
+
+
+class AttentionBlock(nn.Module):
+    """Pre-LN transformer block over the history; with `seeds` the queries are learned seed vectors (PMA)."""
+
+    def __init__(self, d: int, T: int, heads: int, seeds: int = 0):
+        super().__init__()
+        self.position = nn.Parameter(torch.randn(T, d) * 0.02)  # P
+        self.seeds = nn.Parameter(torch.randn(seeds, d) * 0.02) if seeds else None  # S (PMA)
+        self.ln_q, self.ln_kv, self.ln_mlp = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = Attention(d, heads)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        X = X + self.position  # (B, T, d)
+        Q = X if self.seeds is None else self.seeds.expand(len(X), -1, -1)  # (B, T or d_s, d)
+        y, A = self.attn(self.ln_q(Q), self.ln_kv(X))
+        X1 = y + Q
+        return self.mlp(self.ln_mlp(X1)) + X1, A
+
+
+class Ranker(nn.Module):
+    """Dense module, item lookups, history aggregation, pairwise dot-product interaction, top MLP."""
+
+    def __init__(self, config: dict, vocabulary: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        d, T, h = config["embedding_dim"], config["history_length"], config["history"]
+        self.lookups = nn.ModuleDict({
+            kind: ItemLookup(kind, d, rows=config["rows"][kind], codebook_size=config["codebook_size"],
+                             parameterization=config["parameterization"], ngram_depth=config["ngram_depth"],
+                             vocabulary=vocabulary if kind == "ie" else None)
+            for kind in sorted({config["item_ids"], h["item_ids"]})})
+        F_ = config["dense_features"]
+        self.register_buffer("dense_mean", torch.zeros(F_))
+        self.register_buffer("dense_std", torch.ones(F_))
+        self.dense = mlp([F_, *config["dense_hidden"], d], last_activation=True) if F_ else None
+        self.dense_bias = nn.Parameter(torch.zeros(d)) if not F_ else None  # no dense features: a learned vector
+        self.age = nn.Embedding(AGE_BUCKETS, d)  # bucket 0: the padding token
+        if h["aggregation"] == "bypass":
+            self.aggregate, m = Bypass(d, T), T
+        elif h["aggregation"] == "transformer":
+            self.aggregate, m = AttentionBlock(d, T, h["heads"]), T
+        else:
+            self.aggregate, m = AttentionBlock(d, T, h["heads"], seeds=h["seeds"]), h["seeds"]
+        n = 2 + m
+        self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)
+        self.top = mlp([d + n * (n - 1) // 2, *config["top_hidden"], 1])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Click logits (B,) and the history attention weights (B, heads, Tq, T) (None for bypass)."""
+        B, T = batch["hist_item"].shape
+        if self.dense is not None:
+            x_d = self.dense((batch["dense"] - self.dense_mean) / self.dense_std)  # (B, d)
+        else:
+            x_d = self.dense_bias.expand(B, -1)
+        x_i = self.lookups[self.config["item_ids"]](batch["item_id"], batch["codes"])  # (B, d)
+        history = self.lookups[self.config["history"]["item_ids"]]
+        hist_codes = batch["hist_codes"].flatten(0, 1)  # (B*T, L)
+        X = history(batch["hist_item"].flatten(), hist_codes).view(B, T, -1) + self.age(batch["hist_age"])
+        Y, A = self.aggregate(X)  # (B, m, d)
+        V = torch.cat([x_d[:, None], x_i[:, None], Y], dim=1)  # (B, n, d)
+        Z = (V @ V.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]  # (B, n(n-1)/2)
+        return self.top(torch.cat([x_d, Z], dim=1)).squeeze(1), A
+
+    def sparse_parameters(self) -> list[nn.Parameter]:
+        return [lookup.table.weight for lookup in self.lookups.values()]
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return [p for p in self.parameters() if id(p) not in sparse]
+
+
+def bce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), label)

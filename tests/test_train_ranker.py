@@ -1,0 +1,142 @@
+"""The train_ranker stage on a small world: metrics, determinism, champion/challenger, bad input."""
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+
+from components import ranker_metrics
+from components.embedding import run_embed
+from components.errors import CodebookVersionMismatch, DataError, ParamsError
+from components.params import BackfillParams, EmbedParams, HistoryParams, RankerParams, RQVAEParams
+from components.semid import SemIdStore, read_store, run_backfill
+from components.storage import Layout, write_parquet
+from components.train_ranker import copy_partners, load_ranker, predict, run_train_ranker
+from components.train_rqvae import run_train_rqvae
+from components.world import run_generate
+
+FAST_RQVAE = RQVAEParams(codebook_size=16, latent_dim=8, hidden_dims=(32,), steps=150, warmup_steps=50,
+                         batch_size=256, restart_every=25, max_collision_rate=0.3)
+SMALL = RankerParams(train_days=10, eval_hours=48, history=HistoryParams(length=8, seeds=4))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, small_world_params) -> Layout:
+    """A small world with enough impressions to learn from (~100k training examples) -> validated (as is)
+    -> test-encoder embeddings -> K=16 codebook -> SemID store."""
+    layout = Layout(tmp_path_factory.mktemp("ranker-world"))
+    run_generate(dataclasses.replace(small_world_params, days=14, active_items=300, impressions_per_day=10_000,
+                                     users=1_000), layout)
+    shutil.copytree(layout.raw.root, layout.validated.root)
+    run_embed(EmbedParams(encoder="hashing-test"), layout)
+    run_train_rqvae(FAST_RQVAE, layout)
+    run_backfill(BackfillParams(), layout)
+    return layout
+
+
+@pytest.fixture
+def world(prepared, tmp_path) -> Layout:
+    """A private copy, so each test starts without a champion."""
+    layout = Layout(tmp_path / "w")
+    shutil.copytree(prepared.root, layout.root)
+    return layout
+
+
+def test_metrics_hold_ne_by_segment_drift_and_aar(world):
+    m = run_train_ranker(SMALL, world)
+    assert set(m["ne"]) == set(ranker_metrics.SEGMENTS)
+    assert 0 < m["ne"]["all"] < 1  # minimum functionality: better than the base rate
+    assert m["events"]["seen"] + m["events"]["new"] == m["events"]["all"]
+    assert m["events"]["head"] + m["events"]["torso"] + m["events"]["tail"] == m["events"]["seen"]
+    assert set(m["drift_sensitivity"]) == set(ranker_metrics.SEGMENTS)
+    assert m["aar_pairs"] > 0 and m["aar"] == pytest.approx(0.0, abs=1e-6)  # exact copies share their SemID
+    assert "attention" not in m  # bypass has none
+    assert m["promotion"]["promoted"] and m["promotion"]["reason"] == "no champion yet"
+    assert m["config"]["item_ids"] == "semid" and m["codebook_version"] == read_store(world.semids).codebook_version
+    saved = json.loads((world.metrics / "ranker.json").read_text())
+    assert saved["model_version"] == m["model_version"]
+    assert (world.reports / "ranker" / "ne_by_segment.csv").read_text().startswith("segment,ne\nall,")
+    pointer = json.loads((world.root / "models" / "ranker" / "champion.json").read_text())
+    assert pointer["model_version"] == m["model_version"]
+
+
+def test_same_seed_and_data_give_the_same_model(world):
+    first = run_train_ranker(SMALL, world)
+    again = run_train_ranker(SMALL, world)
+    assert again["model_version"] == first["model_version"] and again["ne"] == first["ne"]
+    assert again["promotion"]["reason"].startswith("the challenger is the champion")
+
+
+@pytest.mark.parametrize("aggregation", ["transformer", "pma"])
+def test_attention_modules_report_the_four_diagnostics(world, aggregation):
+    p = dataclasses.replace(SMALL, history=dataclasses.replace(SMALL.history, aggregation=aggregation))
+    m = run_train_ranker(p, world)
+    a = m["attention"]
+    assert set(a) == {"first_token", "padding_mass", "entropy", "self_attention"}
+    assert 0 <= a["first_token"] <= 1 and 0 <= a["padding_mass"] <= 1 and 0 <= a["self_attention"] <= 1
+    assert 0 <= a["entropy"] <= np.log2(SMALL.history.length) + 1e-9
+    assert 0 < m["ne"]["all"] < 1.05
+
+
+@pytest.mark.parametrize("item_ids", ["ie", "rh"])
+def test_baselines_train_without_code_changes(world, item_ids):
+    p = dataclasses.replace(SMALL, item_ids=item_ids,
+                            history=dataclasses.replace(SMALL.history, item_ids=item_ids))
+    m = run_train_ranker(p, world)
+    assert m["codebook_version"] is None and 0 < m["ne"]["all"] < 1.05
+    assert m["aar"] > 0  # different raw IDs, different rows
+
+
+def test_a_worse_challenger_never_touches_the_champion(world):
+    champion = run_train_ranker(SMALL, world)
+    pointer = (world.root / "models" / "ranker" / "champion.json").read_bytes()
+    strict = dataclasses.replace(SMALL, seed=1, promotion=dataclasses.replace(SMALL.promotion,
+                                                                               max_ne_regression=-1.0))
+    m = run_train_ranker(strict, world)
+    assert not m["promotion"]["promoted"] and m["promotion"]["champion"] == champion["model_version"]
+    assert m["promotion"]["champion_ne"] == pytest.approx(champion["ne"]["all"])
+    assert (world.root / "models" / "ranker" / "champion.json").read_bytes() == pointer
+
+
+def test_checkpoint_refuses_semids_of_another_codebook_version(world):
+    m = run_train_ranker(SMALL, world)
+    path = world.root / "models" / "ranker" / f"{m['model_version']}.pt"
+    store = read_store(world.semids)
+    model, ckpt = load_ranker(path, store)
+    assert ckpt["codebook_version"] == store.codebook_version
+    with pytest.raises(CodebookVersionMismatch, match="never mix"):
+        load_ranker(path, SemIdStore(store.path, "0123456789abcdef", store.table))
+
+
+def test_items_without_semids_fall_back_to_rh_or_fail_as_params_say(world):
+    store = pl.read_parquet(world.semids)
+    write_parquet(store.filter(pl.col("item_id") % 10 != 0), world.semids)  # a tenth of the items lose theirs
+    m = run_train_ranker(SMALL, world)
+    assert m["examples"]["missing_semid"] > 0 and np.isfinite(m["ne"]["all"])
+    with pytest.raises(DataError, match="ranker.missing_semid"):
+        run_train_ranker(dataclasses.replace(SMALL, missing_semid="fail"), world)
+
+
+def test_empty_evaluation_window_is_a_clear_error(world):
+    last = sorted(world.validated.events.iterdir())[-1]
+    for f in last.glob("*.parquet"):  # the last day keeps its partition but loses every event
+        write_parquet(pl.read_parquet(f).head(0), f)
+    with pytest.raises(DataError, match="empty evaluation window"):
+        run_train_ranker(dataclasses.replace(SMALL, eval_hours=24), world)
+
+
+def test_bad_params_name_the_key(world):
+    with pytest.raises(ParamsError, match="ranker.item_ids"):
+        run_train_ranker(dataclasses.replace(SMALL, item_ids="hashed"), world)
+    with pytest.raises(ParamsError, match="ranker.parameterization"):
+        run_train_ranker(dataclasses.replace(SMALL, parameterization="fourgram"), world)  # L = 3
+
+
+def test_exact_copies_are_paired_by_content_hash(world):
+    partners = copy_partners(world)
+    truth = pl.read_parquet(world.world / "item_truth.parquet").filter(pl.col("copy_kind") == "exact")
+    assert len(truth) and set(truth["item_id"]) <= set(partners["item_id"])
+    pairs = partners.join(partners, left_on="partner", right_on="item_id")
+    assert (pairs["item_id"] != pairs["partner"]).all()
