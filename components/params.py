@@ -119,7 +119,7 @@ class RankerParams:
     missing_semid: str = "rh"  # items without a SemID: "rh" (hash their raw ID, counted) | "fail"
     train_end: dt.date | None = None  # end (exclusive) of training; None: eval_hours before the data's end
     train_days: int = 42
-    eval_hours: int = 24
+    eval_hours: int = 72
     embedding_dim: int = 32
     dense_hidden: tuple[int, ...] = (64,)
     top_hidden: tuple[int, ...] = (128, 64)
