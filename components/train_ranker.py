@@ -289,6 +289,10 @@ def champion_ne(layout: Layout, version: str, window: Window, store: SemIdStore 
                 device: torch.device) -> tuple[float | None, str]:
     """NE on all items of the champion on this evaluation window, or None and why it cannot be scored."""
     model, ckpt = load_ranker(layout.root / "models" / "ranker" / f"{version}.pt")
+    champion_end = dt.datetime.fromisoformat(ckpt["window"]["train_end"])
+    if champion_end > window.train_end:
+        return None, (f"champion {version} was trained on data up to {champion_end:%Y-%m-%d %H:%M}, inside this "
+                      f"evaluation window: its NE there would not be a fair comparison")
     champion_p = from_mapping(RankerParams, ckpt["params"], where=f"champion {version} params")
     champion_store = store
     if uses_semid(champion_p):

@@ -1,5 +1,6 @@
 """The train_ranker stage on a small world: metrics, determinism, champion/challenger, bad input."""
 import dataclasses
+import datetime as dt
 import json
 import shutil
 
@@ -98,6 +99,16 @@ def test_a_worse_challenger_never_touches_the_champion(world):
     assert not m["promotion"]["promoted"] and m["promotion"]["champion"] == champion["model_version"]
     assert m["promotion"]["champion_ne"] == pytest.approx(champion["ne"]["all"])
     assert (world.root / "models" / "ranker" / "champion.json").read_bytes() == pointer
+
+
+def test_a_champion_that_saw_the_evaluation_window_is_not_compared(world):
+    """Moving the window back puts the champion's training data inside the challenger's evaluation window."""
+    champion = run_train_ranker(SMALL, world)
+    earlier = dataclasses.replace(SMALL, train_days=8, train_end=dt.date(2026, 1, 11), eval_hours=24)
+    m = run_train_ranker(earlier, world)
+    assert m["promotion"]["promoted"] and m["promotion"]["champion_ne"] is None
+    assert "inside this evaluation window" in m["promotion"]["reason"]
+    assert m["model_version"] != champion["model_version"]
 
 
 def test_checkpoint_refuses_semids_of_another_codebook_version(world):
