@@ -120,12 +120,12 @@ class RankerParams:
     train_end: dt.date | None = None  # end (exclusive) of training; None: eval_hours before the data's end
     train_days: int = 42
     eval_hours: int = 72
-    embedding_dim: int = 32
+    embedding_dim: int = 64
     dense_hidden: tuple[int, ...] = (64,)
     top_hidden: tuple[int, ...] = (128, 64)
     batch_size: int = 256
     lr: float = 0.001  # Adam, dense parameters
-    sparse_lr: float = 0.05  # Adagrad, embedding tables (sparse gradients)
+    sparse_lr: float = 0.2  # Adagrad, embedding tables (sparse gradients)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
     history: HistoryParams = HistoryParams()

@@ -61,7 +61,8 @@ class ItemLookup(nn.Module):
         # ie: sorted raw IDs; row i belongs to vocabulary[i], row len(vocabulary) to every unknown ID
         self.register_buffer("vocabulary", vocabulary if vocabulary is not None else torch.empty(0, dtype=torch.int64))
         self.table = nn.EmbeddingBag(rows + 1, d, mode="sum", sparse=True, padding_idx=rows)
-        nn.init.normal_(self.table.weight, std=d ** -0.5)
+        bound = (rows + 1) ** -0.5  # DLRM's init: a row never trained stays near zero instead of adding noise
+        nn.init.uniform_(self.table.weight, -bound, bound)
         with torch.no_grad():
             self.table.weight[rows].zero_()
 
