@@ -97,9 +97,7 @@ def random_store(items: pl.Series, seed: int) -> SemIdStore:
 
 def head(examples: Examples, n: int) -> Examples:
     """The first n rows (time order), as the stage would see a shorter window."""
-    arrays = {f.name: getattr(examples, f.name)[:n] for f in dataclasses.fields(Examples)
-              if f.name not in ("dense_columns", "missing_semid")}
-    return Examples(**arrays, dense_columns=examples.dense_columns, missing_semid=0)
+    return examples.take(slice(0, n))
 
 
 def best_of(repeats: int, fn: Callable[[], object], progress: Progress, name: str) -> tuple[float, object]:

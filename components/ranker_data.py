@@ -118,6 +118,14 @@ class Examples:
         for lo in range(0, len(self), batch_size):
             yield {key: torch.from_numpy(a[lo:lo + batch_size]) for key, a in arrays.items()}
 
+    def take(self, rows: slice | np.ndarray) -> Examples:
+        """The examples at `rows` (a slice or an index array), in that order; missing_semid is recounted from
+        the codes."""
+        arrays = {f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(Examples)
+                  if f.name not in ("dense_columns", "missing_semid")}
+        missing = int((arrays["codes"][:, 0] < 0).sum()) if arrays["codes"].shape[1] else 0
+        return Examples(**arrays, dense_columns=list(self.dense_columns), missing_semid=missing)
+
     @staticmethod
     def concat(parts: list[Examples]) -> Examples:
         """The parts one after the other (callers pass them in time order)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import logging
 import math
@@ -167,9 +166,7 @@ def predict(model: Ranker, examples: Examples, batch_size: int, device: torch.de
 def time_slice(examples: Examples, start: dt.datetime, end: dt.datetime) -> Examples:
     us = lambda t: int(t.timestamp() * 1_000_000)  # noqa: E731
     lo, hi = np.searchsorted(examples.ts, [us(start), us(end)])
-    arrays = {f.name: getattr(examples, f.name)[lo:hi] for f in dataclasses.fields(Examples)
-              if f.name not in ("dense_columns", "missing_semid")}
-    return Examples(**arrays, dense_columns=examples.dense_columns, missing_semid=0)
+    return examples.take(slice(lo, hi))
 
 
 def copy_partners(layout: Layout) -> pl.DataFrame:
@@ -187,11 +184,8 @@ def copy_partners(layout: Layout) -> pl.DataFrame:
 def swap_items(examples: Examples, partners: pl.DataFrame, store: SemIdStore | None) -> tuple[Examples, Examples]:
     """The examples whose item has an exact copy, and the same examples with the copy in its place."""
     frame = pl.DataFrame({"item_id": examples.item_id}).with_row_index("row").join(partners, on="item_id")
-    rows = frame["row"].to_numpy()
+    a = examples.take(frame["row"].to_numpy())
     partner = frame["partner"].to_numpy()
-    arrays = {f.name: getattr(examples, f.name)[rows] for f in dataclasses.fields(Examples)
-              if f.name not in ("dense_columns", "missing_semid")}
-    a = Examples(**arrays, dense_columns=examples.dense_columns, missing_semid=0)
     codes = a.codes.copy()
     if store is not None and codes.shape[1]:
         table = pl.DataFrame({"item_id": partner}).join(store.table, on="item_id", how="left")

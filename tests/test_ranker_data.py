@@ -152,6 +152,11 @@ def test_codes_come_from_the_store_and_missing_ones_are_counted_or_refused():
     with pytest.raises(ParamsError, match="ranker.missing_semid"):
         build_examples(events, clicks_of(events), store, history_length=2, missing_semid="hash")
 
+    picked = ex.take(np.array([3, 0]))  # rows in the order asked, the missing count follows the rows
+    assert picked.item_id.tolist() == [11, 10] and picked.missing_semid == 1
+    assert picked.hist_codes.tolist() == [ex.hist_codes[3].tolist(), ex.hist_codes[0].tolist()]
+    assert ex.take(slice(0, 2)).missing_semid == 1 and len(ex.take(slice(4, 9))) == 0
+
 
 # ---------------------------------------------------------------------------------------------- batches
 
