@@ -81,7 +81,7 @@ def current_store(p: RankerParams, layout: Layout) -> tuple[SemIdStore | None, i
 
 def model_config(p: RankerParams, train: Examples, K: int, L: int, vocabulary_size: int) -> dict:
     """Plain-JSON description of the model: what a checkpoint needs to rebuild it."""
-    if p.item_ids == "semid" or p.history.item_ids == "semid":
+    if uses_semid(p):
         depth = p.ngram_depth if p.parameterization == "prefix_ngram" else None
         try:  # the parameterization checks its depth against the store's L
             row_indices(torch.zeros(1, L, dtype=torch.int64), p.parameterization, K, 1, depth)
@@ -291,7 +291,8 @@ def champion_ne(layout: Layout, version: str, window: Window, store: SemIdStore 
     champion_store = store
     if uses_semid(champion_p):
         try:
-            champion_store = open_store(read_store(layout.semids), ckpt["codebook_version"])
+            champion_store = open_store(store if store is not None else read_store(layout.semids),
+                                        ckpt["codebook_version"])  # the store already in memory when there is one
         except CodebookVersionMismatch:
             return None, (f"champion {version} uses codebook {ckpt['codebook_version']}; the store now holds "
                           f"another version, so it cannot score today's SemIDs")
