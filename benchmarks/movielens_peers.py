@@ -16,10 +16,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from components.embedding import embed_texts
-from components.movielens import load_release
+from components.semid.embedding import embed_texts
+from components.data.movielens import load_release
 from components.params import RQVAEParams
-from components.rqvae import train
+from components.semid.rqvae import train
 
 L, K = 3, 256
 THROUGHPUT_ITEMS = 200_000  # assignment speed is measured on the vectors tiled to this many rows

@@ -2,7 +2,7 @@
 `python benchmarks/ranker.py [--device cpu|cuda] [--examples N] [--rows R] [--repeats N] [--contrast-batches N]
                              [--no-dense-contrast] [--seed S]`
 
-Data: the default synthetic world (components.world.run_generate(WorldParams()), 60 days, about 20k impressions
+Data: the default synthetic world (components.data.world.run_generate(WorldParams()), 60 days, about 20k impressions
 a day, written to a temp dir in a few seconds); its data/raw is read as the stage reads data/validated (same
 layout, and the world is valid). SemIDs: a store built in memory with seeded random codes, L=3 levels of
 K=256, for every item, so no MiniLM or RQ-VAE is needed: throughput does not depend on which codes an item
@@ -53,13 +53,13 @@ from rich.table import Table  # noqa: E402
 
 from components.errors import ParamsError  # noqa: E402
 from components.params import RankerParams, WorldParams  # noqa: E402
-from components.ranker import Ranker, bce  # noqa: E402
-from components.ranker_data import (Examples, Window, build_examples, click_history, day_files,  # noqa: E402
+from components.ranker.model import Ranker, bce  # noqa: E402
+from components.ranker.examples import (Examples, Window, build_examples, click_history, day_files,  # noqa: E402
                                     in_window, load_clicks, load_examples, ranker_window)
-from components.semid import SemIdStore, code_columns, code_dtype  # noqa: E402
+from components.semid.store import SemIdStore, code_columns, code_dtype  # noqa: E402
 from components.storage import DataDir, Layout  # noqa: E402
-from components.train_ranker import autocast, model_config, pick_device, to_device, train_one_pass  # noqa: E402
-from components.world import run_generate  # noqa: E402
+from components.ranker.train_ranker import autocast, model_config, pick_device, to_device, train_one_pass  # noqa: E402
+from components.data.world import run_generate  # noqa: E402
 
 LEVELS, CODEBOOK_SIZE = 3, 256  # L, K of the random SemIDs
 CPU_EXAMPLES = 200_000  # training rows timed on CPU (~5-10 s a figure on 2 cores)

@@ -44,11 +44,11 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from components import rqvae  # noqa: E402
-from components.embedding import write_embeddings  # noqa: E402
+from components.semid import rqvae  # noqa: E402
+from components.semid.embedding import write_embeddings  # noqa: E402
 from components.params import RQVAEParams  # noqa: E402
 from components.storage import Layout  # noqa: E402
-from components.train_rqvae import code_quality  # noqa: E402
+from components.semid.train_rqvae import code_quality  # noqa: E402
 
 DIM = 384
 DEAD_DIMS = [127, 223]  # all-MiniLM-L6-v2 has dimensions with std 0 (PEERS.md)
@@ -69,7 +69,7 @@ root = sys.stdin.readline().strip()
 if root:
     from pathlib import Path
     from components.params import BackfillParams
-    from components.semid import run_backfill
+    from components.semid.store import run_backfill
     from components.storage import Layout
     m = run_backfill(BackfillParams(), Layout(Path(root)))
     hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])

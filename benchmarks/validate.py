@@ -26,7 +26,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components import contracts  # noqa: E402
+from components.data import contracts  # noqa: E402
 from components.params import ValidationParams  # noqa: E402
 from components.storage import Layout  # noqa: E402
 
@@ -66,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from components.validation import run_validate  # imports Great Expectations
-    print(f"import components.validation (GX): {time.perf_counter() - started:.1f} s")
+    from components.data.validation import run_validate  # imports Great Expectations
+    print(f"import components.data.validation (GX): {time.perf_counter() - started:.1f} s")
 
     with tempfile.TemporaryDirectory(prefix="semid-bench-") as tmp:
         layout = Layout(Path(tmp))

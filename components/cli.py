@@ -42,10 +42,10 @@ def generate(params: ParamsFile = Path("params.yaml")) -> None:
 
     p = load_params(params)
     if p.data.source == "synthetic":
-        from components.world import run_generate
+        from components.data.world import run_generate
         run_generate(p.world, Layout())
     elif p.data.source == "movielens":
-        from components.movielens import run_import
+        from components.data.movielens import run_import
         from components.storage import staged_dir, write_json
         run_import(Path(p.data.movielens_dir), Layout())
         with staged_dir(Layout().world) as tmp:  # no ground truth: only where data/raw came from
@@ -60,7 +60,7 @@ def import_movielens(
     directory: Annotated[Path, typer.Argument(help="A MovieLens release: ml-latest(-small), ml-25m, ml-1m or ml-100k.")],
 ) -> None:
     """Convert a MovieLens release into data/raw (one event per rating, clicked = rating >= 4)."""
-    from components.movielens import run_import
+    from components.data.movielens import run_import
     from components.storage import Layout
 
     run_import(directory, Layout())
@@ -72,7 +72,7 @@ def validate(params: ParamsFile = Path("params.yaml")) -> None:
     """Gate data/raw with Great Expectations; write data/validated only when it passes."""
     from components.params import load_params
     from components.storage import Layout
-    from components.validation import run_validate
+    from components.data.validation import run_validate
 
     run_validate(load_params(params).validation, Layout())
 
@@ -81,7 +81,7 @@ def validate(params: ParamsFile = Path("params.yaml")) -> None:
 @stage
 def embed(params: ParamsFile = Path("params.yaml")) -> None:
     """Embed validated items with the CU model (embed.encoder); a re-run encodes only new or edited texts."""
-    from components.embedding import run_embed
+    from components.semid.embedding import run_embed
     from components.params import load_params
     from components.storage import Layout
 
@@ -98,7 +98,7 @@ def rqvae_train(params: ParamsFile = Path("params.yaml")) -> None:
     """Train on the items active in the trailing window; promote the checkpoint only if the gates pass."""
     from components.params import load_params
     from components.storage import Layout
-    from components.train_rqvae import run_train_rqvae
+    from components.semid.train_rqvae import run_train_rqvae
 
     run_train_rqvae(load_params(params).rqvae, Layout())
 
@@ -114,7 +114,7 @@ def ranker_train(params: ParamsFile = Path("params.yaml")) -> None:
     champion/challenger promotion (models/ranker/champion.json moves only if NE is not worse)."""
     from components.params import load_params
     from components.storage import Layout
-    from components.train_ranker import run_train_ranker
+    from components.ranker.train_ranker import run_train_ranker
 
     run_train_ranker(load_params(params).ranker, Layout())
 
@@ -132,13 +132,13 @@ def backfill(
 ) -> None:
     """SemIDs for every embedded item under the current codebook, into data/semids/semids.parquet."""
     from components.params import load_params
-    from components.semid import run_backfill
+    from components.semid.store import run_backfill
     from components.storage import Layout
 
     p = load_params(params).backfill
     run_backfill(p, Layout())
     if publish:
-        from components.publish import publish_current
+        from components.semid.publish import publish_current
         publish_current(Layout(), publish, endpoint_url or p.s3_endpoint_url)
 
 

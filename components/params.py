@@ -24,7 +24,7 @@ class DataParams:
 
 @dataclasses.dataclass(frozen=True)
 class WorldParams:
-    """The synthetic item/event stream; see components/world.py for what each knob does."""
+    """The synthetic item/event stream; see components/data/world.py for what each knob does."""
     seed: int = 7
     scale: float = 1.0
     start: dt.date = dt.date(2026, 1, 1)
@@ -64,7 +64,7 @@ class EmbedParams:
 
 @dataclasses.dataclass(frozen=True)
 class RQVAEParams:
-    """The Semantic ID model (components/rqvae.py) and its quality gates."""
+    """The Semantic ID model (components/semid/rqvae.py) and its quality gates."""
     method: str = "rqvae"  # "rqvae" (PAPER.md) | "rqkmeans" (residual k-means, no autoencoder)
     as_of: dt.date | None = None  # end (exclusive) of the training window; None: the data's last day + 1
     window_days: int = 90
@@ -111,7 +111,7 @@ class PromotionParams:
 
 @dataclasses.dataclass(frozen=True)
 class RankerParams:
-    """The DLRM-style ranker (components/ranker.py) and its training window, evaluation and promotion."""
+    """The DLRM-style ranker (components/ranker/model.py) and its training window, evaluation and promotion."""
     item_ids: str = "semid"  # "ie" | "rh" | "semid"
     parameterization: str = "prefix_ngram"  # unigram | trigram | fourgram | all_bigrams | prefix_ngram
     ngram_depth: int = 3  # n of prefix_ngram (<= L)

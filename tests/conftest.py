@@ -13,7 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from components.params import WorldParams  # noqa: E402
 from components.storage import Layout  # noqa: E402
-from components.world import run_generate  # noqa: E402
+from components.data.world import run_generate  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,12 +6,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from components import contracts, embedding
-from components.embedding import VERSION_KEY, embed_texts, run_embed
+from components.data import contracts
+from components.semid import embedding
+from components.semid.embedding import VERSION_KEY, embed_texts, run_embed
 from components.errors import DataError, ParamsError
 from components.params import EmbedParams
 from components.storage import Layout
-from components.world import load_taxonomy, make_titles
+from components.data.world import load_taxonomy, make_titles
 
 HASHING = EmbedParams(encoder="hashing-test")
 NOUNS = ("running shoes", "coffee grinder", "wireless headphones", "yoga mat", "frying pan", "face cream")

@@ -9,9 +9,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from components.contracts import check_schema, read_schema
+from components.data.contracts import check_schema, read_schema
 from components.errors import DataError
-from components.movielens import load_release, run_import
+from components.data.movielens import load_release, run_import
 from components.storage import DataDir, Layout
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movielens"
@@ -46,7 +46,7 @@ def release_copy(tmp_path: Path, layout: str) -> Path:
 
 
 def test_csv_release_with_tags(caplog):
-    with caplog.at_level(logging.WARNING, logger="components.movielens"):
+    with caplog.at_level(logging.WARNING, logger="components.data.movielens"):
         items, events = load_release(FIXTURES / "csv")
 
     check_contracts(items, events)

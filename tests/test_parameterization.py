@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from components.parameterization import id_space, row_indices
+from components.ranker.parameterization import id_space, row_indices
 
 BIG = 2**40  # a table larger than every ID space below: no modulo in effect
 

@@ -10,11 +10,11 @@ import torch
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from components import publish as pub
-from components import rqvae
+from components.semid import publish as pub
+from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
-from components.semid import run_backfill
+from components.semid.store import run_backfill
 from components.storage import Layout
 
 pytestmark = pytest.mark.integration

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from components import parameterization
-from components.ranker import ItemLookup, Ranker, hash_rows
-from components.ranker_data import AGE_BUCKETS
+from components.ranker import parameterization
+from components.ranker.model import ItemLookup, Ranker, hash_rows
+from components.ranker.examples import AGE_BUCKETS
 
 K, L, T, D = 16, 3, 5, 8
 

@@ -9,14 +9,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from components import contracts
+from components.data import contracts
 from components.errors import DataError, ParamsError
 from components.params import HistoryParams, RankerParams
-from components.ranker_data import (AGE_BUCKETS, Examples, Window, build_examples, iter_examples, load_clicks,
+from components.ranker.examples import (AGE_BUCKETS, Examples, Window, build_examples, iter_examples, load_clicks,
                                     load_examples, ranker_window)
-from components.semid import SemIdStore
+from components.semid.store import SemIdStore
 from components.storage import DataDir, Layout
-from components.world import run_generate
+from components.data.world import run_generate
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)

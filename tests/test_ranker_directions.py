@@ -1,4 +1,4 @@
-"""Unit tests of components/ranker_directions.py: the report on fabricated results, the experiment loop with
+"""Unit tests of components/ranker/directions.py: the report on fabricated results, the experiment loop with
 a fake runner (no dvc process)."""
 import json
 import subprocess
@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from components.errors import DataError
-from components.ranker_directions import (EXPERIMENTS, directions_table, experiment_command, main, read_results,
+from components.ranker.directions import (EXPERIMENTS, directions_table, experiment_command, main, read_results,
                                           run_experiments)
 from components.storage import Layout
 

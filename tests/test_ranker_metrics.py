@@ -1,4 +1,4 @@
-"""Unit tests of components/ranker_metrics.py: hand-computed examples, no disk."""
+"""Unit tests of components/ranker/metrics.py: hand-computed examples, no disk."""
 import json
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from components.ranker_metrics import (SEGMENTS, aar, attention_diagnostics, drift_sensitivity, impression_segments,
+from components.ranker.metrics import (SEGMENTS, aar, attention_diagnostics, drift_sensitivity, impression_segments,
                                        log_loss, ne_by_segment, normalized_entropy, segment_masks)
 
 

@@ -6,8 +6,8 @@ import torch
 
 from components.errors import DataError
 from components.params import RQVAEParams
-from components.quantizer import ResidualQuantizer
-from components.rqvae import SemanticIdModel, config_of, load_checkpoint, save_checkpoint, train, utilization
+from components.semid.quantizer import ResidualQuantizer
+from components.semid.rqvae import SemanticIdModel, config_of, load_checkpoint, save_checkpoint, train, utilization
 
 
 def clustered(n=4000, d=24, clusters=40, seed=0) -> torch.Tensor:

@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from components import rqvae
+from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
-from components.semid import (SemIdAssigner, join_history_semids, join_semids, read_store, run_backfill)
+from components.semid.store import (SemIdAssigner, join_history_semids, join_semids, read_store, run_backfill)
 from components.storage import Layout
 
 D = 24
@@ -164,7 +164,7 @@ def test_checkpoint_round_trip_gives_identical_semids(checkpoints):
 
 
 def test_for_texts_embeds_then_assigns_and_copies_share_a_semid():
-    from components.embedding import embed_texts
+    from components.semid.embedding import embed_texts
 
     nouns, kinds = ("shoes", "coffee", "phone", "lamp", "tent"), ("red", "large", "cheap", "new")
     texts = [f"{nouns[i % 5]} {kinds[i % 4]} number {i % 100}" for i in range(700)]  # text i+100 copies text i

@@ -8,15 +8,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from components import ranker_metrics
-from components.embedding import run_embed
+from components.ranker import metrics as ranker_metrics
+from components.semid.embedding import run_embed
 from components.errors import CodebookVersionMismatch, DataError, ParamsError
 from components.params import BackfillParams, EmbedParams, HistoryParams, RankerParams, RQVAEParams
-from components.semid import SemIdStore, read_store, run_backfill
+from components.semid.store import SemIdStore, read_store, run_backfill
 from components.storage import Layout, write_parquet
-from components.train_ranker import copy_partners, load_ranker, predict, run_train_ranker
-from components.train_rqvae import run_train_rqvae
-from components.world import run_generate
+from components.ranker.train_ranker import copy_partners, load_ranker, predict, run_train_ranker
+from components.semid.train_rqvae import run_train_rqvae
+from components.data.world import run_generate
 
 FAST_RQVAE = RQVAEParams(codebook_size=16, latent_dim=8, hidden_dims=(32,), steps=150, warmup_steps=50,
                          batch_size=256, restart_every=25, max_collision_rate=0.3)

@@ -20,7 +20,7 @@ from components.cli import app
 from components.errors import DataError, ValidationFailed
 from components.params import ValidationParams
 from components.storage import Layout
-from components.validation import EventFile, Window, batches, run_validate, select_window
+from components.data.validation import EventFile, Window, batches, run_validate, select_window
 from validation_data import DAYS, ITEMS, PER_DAY, START, events_frame, items_frame, set_value, write_raw
 
 EVENTS = DAYS * PER_DAY
@@ -217,7 +217,7 @@ def test_few_bad_rows_are_quarantined_and_the_gate_passes(tmp_path, caplog):
     write_raw(layout, items, events)
     params = dataclasses.replace(DEFAULT, max_bad_fraction=0.1, chunk_rows=2 * PER_DAY)  # 2 batches
 
-    with caplog.at_level(logging.WARNING, logger="components.validation"):
+    with caplog.at_level(logging.WARNING, logger="components.data.validation"):
         metrics = run_validate(params, layout)
 
     assert metrics["success"] and metrics["items"]["quarantined_rows"] == 1

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import polars as pl
 
-from components import contracts
+from components.data import contracts
 from components.storage import Layout
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import polars as pl
 from rich.progress import track
 
-from components.contracts import UTC, conform_events, conform_items
+from components.data.contracts import UTC, conform_events, conform_items
 from components.errors import DataError
 from components.storage import DataDir, Layout, staged_dir
 

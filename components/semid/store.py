@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 import torch
 from rich.progress import Progress
 
-from components import provenance, rqvae
+from components import provenance
+from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams
 from components.storage import Layout, atomic_path, write_json
@@ -117,8 +118,8 @@ class SemIdAssigner:
         return codes_frame(ids, assign_codes(self.model, as_tensor(x)), self.codebook_version)
 
     def for_texts(self, item_ids: Sequence[int], texts: Sequence[str]) -> pl.DataFrame:
-        """Embed texts with the CU encoder (components/embedding.py), then assign as `for_embeddings`."""
-        from components.embedding import embed_texts  # loads the CU model only when texts come in
+        """Embed texts with the CU encoder (components/semid/embedding.py), then assign as `for_embeddings`."""
+        from components.semid.embedding import embed_texts  # loads the CU model only when texts come in
 
         return self.for_embeddings(item_ids, embed_texts(list(texts), self.encoder, self.batch_size))
 

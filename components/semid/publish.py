@@ -18,7 +18,8 @@ import logging
 import re
 from pathlib import Path
 
-from components import rqvae, semid
+from components.semid import rqvae
+from components.semid.store import read_store
 from components.errors import CodebookVersionMismatch, DataError, SemidError
 from components.storage import Layout, atomic_path
 
@@ -70,7 +71,7 @@ def manifest_of(version: str, prefix: str, files: list[Path]) -> dict:
 
 def checked_version(store_path: Path, checkpoint_path: Path) -> str:
     """The codebook version that the store and the checkpoint share, else CodebookVersionMismatch."""
-    store = semid.read_store(store_path).codebook_version
+    store = read_store(store_path).codebook_version
     _, ckpt = rqvae.load_checkpoint(checkpoint_path)
     if ckpt["codebook_version"] != store:
         raise CodebookVersionMismatch(f"{store_path}: holds codebook_version {store}, but checkpoint "

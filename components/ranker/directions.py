@@ -8,8 +8,8 @@ metrics/ranker.json each leaves in the workspace, and writes a short markdown ta
     (c) prefix-ngram beats trigram and all-bigrams (NE on all items)
     (d) SemID has a lower A/A ratio (AAR) than RH
 
-    python -m components.ranker_directions [--seeds 0 1 2] [--out reports/ranker/directions.md]
-    python -m components.ranker_directions --from-json reports/ranker/directions.json   # table only
+    python -m components.ranker.directions [--seeds 0 1 2] [--out reports/ranker/directions.md]
+    python -m components.ranker.directions --from-json reports/ranker/directions.json   # table only
 
 Experiments run one after another in the workspace: each derives from the workspace the previous one
 left, so every experiment sets all the keys any of them changes. DVC names experiments per baseline
@@ -30,7 +30,7 @@ from pathlib import Path
 from rich.console import Console
 
 from components.errors import DataError, SemidError
-from components.ranker_metrics import SEGMENTS
+from components.ranker.metrics import SEGMENTS
 from components.storage import Layout, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def read_results(path: Path) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m components.ranker_directions", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m components.ranker.directions", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="ranker.seed values; each experiment runs once per seed (default: 0 1 2)")

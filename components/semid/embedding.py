@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from components import contracts, provenance
+from components.data import contracts
+from components import provenance
 from components.errors import DataError, ParamsError
 from components.params import EmbedParams
 from components.storage import Layout, atomic_path, write_json

@@ -26,14 +26,16 @@ import polars as pl
 import torch
 from rich.progress import Progress
 
-from components import provenance, ranker_metrics, rqvae
+from components import provenance
+from components.ranker import metrics as ranker_metrics
+from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError, ParamsError
 from components.params import RankerParams, from_mapping
-from components.parameterization import NAMES as PARAMETERIZATIONS
-from components.parameterization import row_indices
-from components.ranker import Ranker, bce
-from components.ranker_data import Examples, Window, load_examples, ranker_window
-from components.semid import SemIdStore, open_store, read_store
+from components.ranker.parameterization import NAMES as PARAMETERIZATIONS
+from components.ranker.parameterization import row_indices
+from components.ranker.model import Ranker, bce
+from components.ranker.examples import Examples, Window, load_examples, ranker_window
+from components.semid.store import SemIdStore, open_store, read_store
 from components.storage import Layout, atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
     x_n  = (x - mean) / (std sqrt(D))            input normalisation: standardised, E||x_n||^2 = 1
     z    = enc(x_n)                              MLP, D -> D'
-    c, z_q, L_q = ResidualQuantizer(z)           L codebooks of K vectors (components/quantizer.py)
+    c, z_q, L_q = ResidualQuantizer(z)           L codebooks of K vectors (components/semid/quantizer.py)
     x_hat = dec(z + sg(z_q - z))                 MLP, D' -> D; straight-through gradient to the encoder
     loss = ||x_n - x_hat||^2 + L_q               with beta = 0.5 inside L_q
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from components.errors import DataError
 from components.params import RQVAEParams
-from components.quantizer import ResidualQuantizer
+from components.semid.quantizer import ResidualQuantizer
 from components.storage import atomic_path, write_json
 
 log = logging.getLogger(__name__)

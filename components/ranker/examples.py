@@ -25,10 +25,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from components.contracts import DENSE_PREFIX
+from components.data.contracts import DENSE_PREFIX
 from components.errors import DataError, ParamsError
 from components.params import RankerParams
-from components.semid import SemIdStore
+from components.semid.store import SemIdStore
 from components.storage import DataDir
 
 log = logging.getLogger(__name__)

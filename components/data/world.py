@@ -1,7 +1,7 @@
 """The synthetic world: a seeded ads/product item stream with the statistics the paper reports.
 
 What it models, and why each piece is there:
-- a 3-level topic taxonomy (components/taxonomy.yaml); every item belongs to one leaf and its text is an
+- a 3-level topic taxonomy (components/data/taxonomy.yaml); every item belongs to one leaf and its text is an
   ad-like title built from that leaf's nouns and selling points, so a real text encoder groups items by topic;
 - ID churn: items arrive every day (Poisson) and live an exponential time with mean half_life / ln 2, so half
   of the items active on any day have retired half_life days later (memorylessness makes this exact);
@@ -30,7 +30,7 @@ import polars as pl
 import yaml
 from rich.progress import track
 
-from components import contracts
+from components.data import contracts
 from components.params import WorldParams
 from components.storage import DataDir, Layout, staged_dir, write_json, write_parquet
 

@@ -12,7 +12,7 @@ Item rows (ItemLookup), for `item_ids`:
     ie     one row per raw ID known when the model is built; an ID first seen in evaluation has a row that was
            never trained (as in the paper), an ID unknown to the model one shared untrained row
     rh     h(raw ID) mod H, a multiplicative hash
-    semid  the SemID codes through a token parameterization (components/parameterization.py), mod H
+    semid  the SemID codes through a token parameterization (components/ranker/parameterization.py), mod H
 H = ceil(training items / collision_factor) for rh and semid. An item without a SemID falls back to its rh row.
 
 Transformer block (T queries) and PMA block (d_s learned seed queries), positional embeddings P added first:
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from components import parameterization
-from components.ranker_data import AGE_BUCKETS
+from components.ranker import parameterization
+from components.ranker.examples import AGE_BUCKETS
 
 HASH_PRIME = 2**31 - 1  # rh: h(id) = ((id mod P) * HASH_MULTIPLIER mod P) mod H, a universal-family member
 HASH_MULTIPLIER = 1_103_515_245

@@ -1,7 +1,7 @@
 """The `train_rqvae` stage (`semid rqvae train`): refresh the Semantic ID codebooks on a trailing window.
 
 load     validated items + their CU embeddings; keep the items active in [as_of - window_days, as_of)
-train    components/rqvae.py (method rqvae or rqkmeans)
+train    components/semid/rqvae.py (method rqvae or rqkmeans)
 measure  utilization, perplexity, collision rate, items per SemID; on the synthetic world also how often
          items of one ground-truth leaf topic share a SemID prefix, against random pairs
 gate     every level's utilization >= min_utilization and collision_rate <= max_collision_rate; only then
@@ -23,7 +23,8 @@ import polars as pl
 import torch
 from rich.progress import Progress
 
-from components import provenance, rqvae
+from components import provenance
+from components.semid import rqvae
 from components.errors import DataError, SemidError
 from components.params import RQVAEParams
 from components.storage import Layout, write_json, write_text
