@@ -95,7 +95,7 @@ def main() -> None:
         seconds, codes, encode = fit()
         rows.append({"method": name, "train_s": seconds, "items_per_s": items_per_second(encode, x),
                      **quality(codes, genre)})
-    print(f"\n| method | train s | assign items/s | util L1/L2/L3 | collision | max items per ID | purity |")
+    print("\n| method | train s | assign items/s | util L1/L2/L3 | collision | max items per ID | purity |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['train_s']:.1f} | {r['items_per_s']:,.0f} | {r['util']} | "

@@ -54,11 +54,13 @@ from rich.table import Table  # noqa: E402
 from components.errors import ParamsError  # noqa: E402
 from components.params import RankerParams, WorldParams  # noqa: E402
 from components.ranker.model import Ranker, bce  # noqa: E402
-from components.ranker.examples import (Examples, Window, build_examples, click_history, day_files,  # noqa: E402
-                                    in_window, load_clicks, load_examples, ranker_window)
+from components.ranker.examples import (Examples, build_examples, click_history, day_files,  # noqa: E402
+                                        in_window, load_clicks, load_examples, ranker_window)
 from components.semid.store import SemIdStore, code_columns, code_dtype  # noqa: E402
 from components.storage import DataDir, Layout  # noqa: E402
-from components.ranker.train_ranker import autocast, model_config, pick_device, to_device, train_one_pass  # noqa: E402
+from components.window import Window  # noqa: E402
+from components.ranker.device import autocast, pick_device, to_device  # noqa: E402
+from components.ranker.train_ranker import model_config, train_one_pass  # noqa: E402
 from components.data.world import run_generate  # noqa: E402
 
 LEVELS, CODEBOOK_SIZE = 3, 256  # L, K of the random SemIDs
@@ -117,7 +119,7 @@ def time_pipeline(data: DataDir, window: Window, store: SemIdStore, p: RankerPar
                   progress: Progress) -> tuple[Examples, list[Figure], float]:
     """Figure 1: load_examples end to end, and build_examples on frames already in memory; returns the
     training examples, the two figures and the seconds click_history takes of build_examples."""
-    start, end = window.train_start, window.train_end
+    start, end = window
     seconds, train = best_of(repeats, lambda: load_examples(data, start, end, store, p, "training"), progress,
                              "pipeline: load_examples")
     figures = [Figure("pipeline", "load_examples: parquet read + history + codes", len(train), seconds)]
@@ -273,7 +275,7 @@ def main() -> None:
         items = pl.read_parquet(data.items, columns=["item_id"])["item_id"]
         store = random_store(items, args.seed)
         vocabulary = torch.from_numpy(np.sort(items.to_numpy()))
-        window = ranker_window(p, data)
+        window, _ = ranker_window(p, data)
         train, figures, history_s = time_pipeline(data, window, store, p, args.repeats, progress)
 
         n = min(len(train), args.examples or (CPU_EXAMPLES if device.type == "cpu" else len(train)))
@@ -296,8 +298,8 @@ def main() -> None:
     ratio = pipeline.rate / default.rate
     met = ratio >= PIPELINE_GOAL
     console.print(f"data: default synthetic world, {len(items):,} items with random SemIDs (L={LEVELS}, "
-                  f"K={CODEBOOK_SIZE}, seed {args.seed}); training window [{window.train_start:%Y-%m-%d}, "
-                  f"{window.train_end:%Y-%m-%d}): {len(train):,} examples, history T={p.history.length}; "
+                  f"K={CODEBOOK_SIZE}, seed {args.seed}); training window [{window.start:%Y-%m-%d}, "
+                  f"{window.end:%Y-%m-%d}): {len(train):,} examples, history T={p.history.length}; "
                   f"{p.item_ids}/{p.parameterization} item rows, {p.history.aggregation} history, batch "
                   f"{p.batch_size:,}; default table {default_rows:,} rows")
     console.print(f"device {device}; threads: torch {threads}, polars {pl.thread_pool_size()}; 1-min load "

@@ -45,9 +45,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table  # noqa: E402
 
 from components.semid import rqvae  # noqa: E402
-from components.semid.embedding import write_embeddings  # noqa: E402
+from components.semid.embedding import VERSION_KEY  # noqa: E402
 from components.params import RQVAEParams  # noqa: E402
-from components.storage import Layout  # noqa: E402
+from components.storage import Layout, write_parquet  # noqa: E402
 from components.semid.train_rqvae import code_quality  # noqa: E402
 
 DIM = 384
@@ -69,7 +69,7 @@ root = sys.stdin.readline().strip()
 if root:
     from pathlib import Path
     from components.params import BackfillParams
-    from components.semid.store import run_backfill
+    from components.semid.backfill import run_backfill
     from components.storage import Layout
     m = run_backfill(BackfillParams(), Layout(Path(root)))
     hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
@@ -247,8 +247,8 @@ def measure_backfill(child: subprocess.Popen, x: np.ndarray, model: rqvae.Semant
     with tempfile.TemporaryDirectory(prefix="semid-bench-") as tmp:
         layout = Layout(Path(tmp))
         task = progress.add_task("write embeddings + checkpoint", total=None)
-        write_embeddings(pl.DataFrame({"item_id": np.arange(len(x), dtype=np.int64), "vector": x}),
-                         "benchmark/synthetic", layout.embeddings)
+        write_parquet(pl.DataFrame({"item_id": np.arange(len(x), dtype=np.int64), "vector": x}), layout.embeddings,
+                      metadata={VERSION_KEY: "benchmark/synthetic"})
         version, _ = rqvae.save_checkpoint(model, layout.rqvae, {})
         rqvae.write_current(layout.rqvae, version)
         progress.update(task, total=1, completed=1)

@@ -132,7 +132,7 @@ def backfill(
 ) -> None:
     """SemIDs for every embedded item under the current codebook, into data/semids/semids.parquet."""
     from components.params import load_params
-    from components.semid.store import run_backfill
+    from components.semid.backfill import run_backfill
     from components.storage import Layout
 
     p = load_params(params).backfill

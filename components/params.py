@@ -131,6 +131,11 @@ class RankerParams:
     history: HistoryParams = HistoryParams()
     promotion: PromotionParams = PromotionParams()
 
+    @property
+    def uses_semid(self) -> bool:
+        """Whether target or history items are embedded through SemIDs, so the SemID store is needed."""
+        return "semid" in (self.item_ids, self.history.item_ids)
+
 
 @dataclasses.dataclass(frozen=True)
 class Params:

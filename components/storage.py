@@ -9,10 +9,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from components.errors import DataError
 
@@ -95,6 +97,11 @@ class Layout:
         return self.root / "models" / "rqvae"
 
     @property
+    def ranker(self) -> Path:
+        """Ranker checkpoints, one file per model version, and the `champion` pointer."""
+        return self.root / "models" / "ranker"
+
+    @property
     def semids(self) -> Path:
         """The SemID entity store: item_id, codebook_version, c1..cL."""
         return self.root / "data" / "semids" / "semids.parquet"
@@ -128,9 +135,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_parquet(df: pl.DataFrame, path: Path) -> None:
+def write_parquet(data: pl.DataFrame | Iterable[pa.Table], path: Path, metadata: dict[str, str] | None = None,
+                  schema: pa.Schema | None = None) -> None:
+    """Write a frame, or a stream of Arrow tables of `schema` (memory bounded by one table), to `path` atomically,
+    zstd-compressed with statistics. `metadata` goes into the file's key-value metadata (an encoder version, a
+    provenance record), where `pl.read_parquet_metadata` finds it."""
     with atomic_path(path) as tmp:
-        df.write_parquet(tmp, compression="zstd", statistics=True)
+        if isinstance(data, pl.DataFrame):
+            data.write_parquet(tmp, compression="zstd", statistics=True, metadata=metadata)
+        else:
+            with pq.ParquetWriter(tmp, schema.with_metadata(metadata), compression="zstd") as writer:
+                for table in data:
+                    writer.write_table(table)
 
 
 def write_json(obj: object, path: Path) -> None:

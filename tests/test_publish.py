@@ -14,7 +14,7 @@ from components.semid import publish as pub
 from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
-from components.semid.store import run_backfill
+from components.semid.backfill import run_backfill
 from components.storage import Layout
 
 pytestmark = pytest.mark.integration

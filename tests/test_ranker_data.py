@@ -12,11 +12,12 @@ import pytest
 from components.data import contracts
 from components.errors import DataError, ParamsError
 from components.params import HistoryParams, RankerParams
-from components.ranker.examples import (AGE_BUCKETS, Examples, Window, build_examples, iter_examples, load_clicks,
+from components.ranker.examples import (AGE_BUCKETS, Examples, build_examples, iter_examples, load_clicks,
                                     load_examples, ranker_window)
 from components.semid.store import SemIdStore
 from components.storage import DataDir, Layout
 from components.data.world import run_generate
+from components.window import Window
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
@@ -204,13 +205,11 @@ def test_ranker_window_defaults_to_the_end_of_the_data(ten_days):
     (ten_days.partition(dt.date(2025, 12, 1)) / "part-0.parquet").unlink()
     (ten_days.partition(dt.date(2025, 12, 1))).rmdir()
     p = RankerParams(train_days=4, eval_hours=24)
-    assert ranker_window(p, ten_days) == Window(dt.datetime(2026, 1, 6, tzinfo=UTC),
-                                                dt.datetime(2026, 1, 10, tzinfo=UTC),
-                                                dt.datetime(2026, 1, 11, tzinfo=UTC))
+    assert ranker_window(p, ten_days) == (Window(dt.datetime(2026, 1, 6, tzinfo=UTC), dt.datetime(2026, 1, 10, tzinfo=UTC)),
+                                          Window(dt.datetime(2026, 1, 10, tzinfo=UTC), dt.datetime(2026, 1, 11, tzinfo=UTC)))
     p = RankerParams(train_end=dt.date(2026, 1, 5), train_days=4, eval_hours=6)
-    assert ranker_window(p, ten_days) == Window(dt.datetime(2026, 1, 1, tzinfo=UTC),
-                                                dt.datetime(2026, 1, 5, tzinfo=UTC),
-                                                dt.datetime(2026, 1, 5, 6, tzinfo=UTC))
+    assert ranker_window(p, ten_days) == (Window(dt.datetime(2026, 1, 1, tzinfo=UTC), dt.datetime(2026, 1, 5, tzinfo=UTC)),
+                                          Window(dt.datetime(2026, 1, 5, tzinfo=UTC), dt.datetime(2026, 1, 5, 6, tzinfo=UTC)))
 
 
 @pytest.mark.parametrize("p, error, names", [

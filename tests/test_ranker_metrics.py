@@ -3,7 +3,6 @@ import json
 import math
 
 import numpy as np
-import polars as pl
 import pytest
 
 from components.ranker.metrics import (SEGMENTS, aar, attention_diagnostics, drift_sensitivity, impression_segments,

@@ -12,7 +12,8 @@ import torch
 from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
-from components.semid.store import (SemIdAssigner, join_history_semids, join_semids, read_store, run_backfill)
+from components.semid.backfill import SemIdAssigner, run_backfill
+from components.semid.store import join_history_semids, join_semids, read_store
 from components.storage import Layout
 
 D = 24

@@ -12,9 +12,12 @@ from components.ranker import metrics as ranker_metrics
 from components.semid.embedding import run_embed
 from components.errors import CodebookVersionMismatch, DataError, ParamsError
 from components.params import BackfillParams, EmbedParams, HistoryParams, RankerParams, RQVAEParams
-from components.semid.store import SemIdStore, read_store, run_backfill
+from components.semid.backfill import run_backfill
+from components.semid.store import SemIdStore, read_store
 from components.storage import Layout, write_parquet
-from components.ranker.train_ranker import copy_partners, load_ranker, predict, run_train_ranker
+from components.ranker.evaluation import copy_partners
+from components.ranker.promotion import load_ranker
+from components.ranker.train_ranker import run_train_ranker
 from components.semid.train_rqvae import run_train_rqvae
 from components.data.world import run_generate
 

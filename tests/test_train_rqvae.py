@@ -13,7 +13,7 @@ from components.semid import rqvae
 from components.semid.embedding import run_embed
 from components.errors import DataError
 from components.params import BackfillParams, EmbedParams, RQVAEParams
-from components.semid.store import run_backfill
+from components.semid.backfill import run_backfill
 from components.storage import Layout
 from components.semid.train_rqvae import QualityGateFailed, active_items, run_train_rqvae, training_window
 from components.data.world import run_generate

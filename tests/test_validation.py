@@ -20,7 +20,8 @@ from components.cli import app
 from components.errors import DataError, ValidationFailed
 from components.params import ValidationParams
 from components.storage import Layout
-from components.data.validation import EventFile, Window, batches, run_validate, select_window
+from components.data.validation import EventFile, batches, run_validate, select_window
+from components.window import Window
 from validation_data import DAYS, ITEMS, PER_DAY, START, events_frame, items_frame, set_value, write_raw
 
 EVENTS = DAYS * PER_DAY

@@ -47,6 +47,7 @@ from components import provenance  # noqa: E402
 from components.errors import DataError, ParamsError, SemidError, ValidationFailed  # noqa: E402
 from components.params import ValidationParams  # noqa: E402
 from components.storage import DataDir, Layout, staged_dir, write_json, write_parquet, write_text  # noqa: E402
+from components.window import Window  # noqa: E402
 
 log = logging.getLogger(__name__)
 logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)  # GX pins it to INFO
@@ -54,19 +55,6 @@ logging.getLogger("great_expectations.data_context.types.base").setLevel(logging
 EXAMPLES = 5
 F32_MAX = float(np.finfo(np.float32).max)
 QUARANTINE = {"reason": pl.String, "source_file": pl.String}
-
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """Event days [start, end), end exclusive."""
-    start: dt.date
-    end: dt.date
-
-    def __str__(self) -> str:
-        return f"{self.start}..{self.end}"
-
-    def bound(self, day: dt.date) -> dt.datetime:
-        return dt.datetime.combine(day, dt.time(), tzinfo=dt.timezone.utc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +108,7 @@ def events_checks(dense: list[str], window: Window) -> list[Check]:
             Check(c, "infinite", gxe.ExpectColumnValuesToBeBetween(column=c, min_value=-F32_MAX,
                                                                   max_value=F32_MAX)))],
         Check("ts", f"outside window {window}", gxe.ExpectColumnValuesToBeBetween(
-            column="ts", min_value=window.bound(window.start), max_value=window.bound(window.end),
-            strict_max=True)),
+            column="ts", min_value=window.start, max_value=window.end, strict_max=True)),
         Check("ts", "outside its partition's day",
               gxe.ExpectColumnPairValuesToBeEqual(column_A="ts_day", column_B="partition_day",
                                                   ignore_row_if="neither"),  # ts_day is never null
@@ -311,7 +298,8 @@ def select_window(files: list[tuple[dt.date, Path]], params: ValidationParams) -
         return None, []
     if start >= end:
         raise ParamsError(f"validation: window_start {start} must be before window_end {end}")
-    return Window(start, end), [(day, path) for day, path in files if start <= day < end]
+    window = Window(start, end)
+    return window, [(day, path) for day, path in files if window.covers_day(day)]
 
 
 def read_event_schemas(files: list[tuple[dt.date, Path]]) -> tuple[list[EventFile], list[str]]:
@@ -531,7 +519,7 @@ def _publish(layout: Layout, params: ValidationParams, window: Window | None, ta
         version = {"code_version": provenance.code_version(), "data_version": provenance.data_version(sources)}
     metrics = {
         "success": passed,
-        "window": window and {"start": window.start.isoformat(), "end": window.end.isoformat()},
+        "window": window and {"start": f"{window.start:%Y-%m-%d}", "end": f"{window.end:%Y-%m-%d}"},
         "items": None, "events": None,  # until the suite ran
         **{t.table: suite_metrics(t, quarantined(t, params), passed) for t in tallies},
         "failures": failures if not passed else [],

@@ -28,8 +28,9 @@ import torch
 from components.data.contracts import DENSE_PREFIX
 from components.errors import DataError, ParamsError
 from components.params import RankerParams
-from components.semid.store import SemIdStore
+from components.semid.store import SemIdStore, join_semids
 from components.storage import DataDir
+from components.window import Window, data_span, utc_midnight
 
 log = logging.getLogger(__name__)
 
@@ -46,44 +47,33 @@ AGE_CAP = 2 ** (AGE_BUCKETS - 2) - 1
 AGE_OF_HOURS = np.array([min((1 + q).bit_length(), AGE_BUCKETS - 1) for q in range(AGE_CAP + 1)] + [0])
 
 
-def utc_midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc)
-
-
 # ---------------------------------------------------------------------------------------------- window
 
 
-@dataclasses.dataclass(frozen=True)
-class Window:
-    train_start: dt.datetime  # UTC aware
-    train_end: dt.datetime  # = eval_start
-    eval_end: dt.datetime
-
-
-def ranker_window(p: RankerParams, data: DataDir) -> Window:
-    """The training window and the evaluation period right after it. train_end is `ranker.train_end` (midnight
-    UTC) or, when unset, eval_hours before the end of the data (the day after the last events partition)."""
+def ranker_window(p: RankerParams, data: DataDir) -> tuple[Window, Window]:
+    """The training window and the evaluation window right after it. Training ends at `ranker.train_end`
+    (midnight UTC) or, when unset, eval_hours before the end of the data (the day after its last partition)."""
     for name, value in (("train_days", p.train_days), ("eval_hours", p.eval_hours)):
         if value < 1:
             raise ParamsError(f"ranker.{name} is {value}, expected an integer >= 1")
-    days = [day for day, _ in data.event_files()]
-    if not days:
+    span = data_span(data)
+    if span is None:
         raise DataError(f"{data.events}: no events files (expected {data.events}/date=YYYY-MM-DD/*.parquet)")
-    data_start, data_end = utc_midnight(days[0]), utc_midnight(days[-1]) + dt.timedelta(days=1)
     eval_length = dt.timedelta(hours=p.eval_hours)
-    train_end = data_end - eval_length if p.train_end is None else utc_midnight(p.train_end)
-    window = Window(train_end - dt.timedelta(days=p.train_days), train_end, train_end + eval_length)
-    span = f"the events in {data.events} cover [{data_start:%Y-%m-%d}, {data_end:%Y-%m-%d})"
+    train_end = span.end - eval_length if p.train_end is None else utc_midnight(p.train_end)
+    train = Window.ending(train_end, dt.timedelta(days=p.train_days))
+    evaluation = Window(train_end, train_end + eval_length)
+    covered = f"the events in {data.events} cover [{span.start:%Y-%m-%d}, {span.end:%Y-%m-%d})"
     set_by = "ranker.train_end" if p.train_end is not None else "ranker.eval_hours"
-    if window.train_start < data_start:
-        raise DataError(f"training window [{window.train_start:%Y-%m-%d %H:%M}, {train_end:%Y-%m-%d %H:%M}) "
-                        f"starts before the data: {span}; lower ranker.train_days ({p.train_days}) or move "
+    if train.start < span.start:
+        raise DataError(f"training window [{train.start:%Y-%m-%d %H:%M}, {train.end:%Y-%m-%d %H:%M}) "
+                        f"starts before the data: {covered}; lower ranker.train_days ({p.train_days}) or move "
                         f"{set_by}")
-    if window.eval_end > data_end:
-        raise DataError(f"evaluation window [{train_end:%Y-%m-%d %H:%M}, {window.eval_end:%Y-%m-%d %H:%M}) "
-                        f"ends after the data: {span}; move ranker.train_end ({p.train_end}) or lower "
+    if evaluation.end > span.end:
+        raise DataError(f"evaluation window [{evaluation.start:%Y-%m-%d %H:%M}, {evaluation.end:%Y-%m-%d %H:%M}) "
+                        f"ends after the data: {covered}; move ranker.train_end ({p.train_end}) or lower "
                         f"ranker.eval_hours ({p.eval_hours})")
-    return window
+    return train, evaluation
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -151,19 +141,14 @@ def age_bucket(age_us: np.ndarray) -> np.ndarray:
 
 
 def semid_codes(item_id: pl.Series, store: SemIdStore | None) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (n, L) int64, -1 rows for items without a SemID; found (n,) bool), a join on item_id;
+    """(codes (n, L) int64, -1 rows for items without a SemID; found (n,) bool), through the store's join;
     L = 0 without a store."""
     if store is None:
         return np.empty((len(item_id), 0), np.int64), np.zeros(len(item_id), bool)
     columns = store.code_columns
-    table = store.table.select("item_id", *(pl.col(c).cast(pl.Int64) for c in columns))
-    if any(table.null_count().row(0)):
-        raise DataError(f"{store.path}: SemID store has null item_id or codes, expected integers in every "
-                        f"item_id, {', '.join(columns)}")
-    joined = item_id.to_frame("item_id").join(table, on="item_id", how="left", maintain_order="left",
-                                               validate="m:1")
+    joined = join_semids(item_id.to_frame("item_id"), store, store.codebook_version)
     found = joined[columns[0]].is_not_null().to_numpy()
-    return joined.select(pl.col(columns).fill_null(PAD)).to_numpy(order="c"), found
+    return joined.select(pl.col(columns).cast(pl.Int64).fill_null(PAD)).to_numpy(order="c"), found
 
 
 def check_missing_semid(missing_semid: str) -> None:
@@ -251,8 +236,8 @@ def build_examples(events: pl.DataFrame, clicks: pl.DataFrame | ClickHistory, st
 
 def day_files(data: DataDir, start: dt.datetime, end: dt.datetime) -> list[tuple[dt.date, list]]:
     """The events files of each partition day that overlaps [start, end), in day order."""
-    files = [(day, f) for day, f in data.event_files()
-             if utc_midnight(day) < end and utc_midnight(day) + dt.timedelta(days=1) > start]
+    window = Window(start, end)
+    files = [(day, f) for day, f in data.event_files() if window.covers_day(day)]
     return [(day, [f for _, f in group]) for day, group in groupby(files, key=lambda x: x[0])]
 
 

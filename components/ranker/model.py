@@ -28,21 +28,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from components.layers import mlp
 from components.ranker import parameterization
 from components.ranker.examples import AGE_BUCKETS
 
 HASH_PRIME = 2**31 - 1  # rh: h(id) = ((id mod P) * HASH_MULTIPLIER mod P) mod H, a universal-family member
 HASH_MULTIPLIER = 1_103_515_245
-
-
-def mlp(dims: list[int], last_activation: bool = False) -> nn.Sequential:
-    """Linear layers with ReLU between them (and after the last one when asked)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims, dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(dims) - 2 or last_activation:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
 
 
 def hash_rows(item_id: torch.Tensor, H: int) -> torch.Tensor:

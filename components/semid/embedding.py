@@ -27,7 +27,7 @@ from components.data import contracts
 from components import provenance
 from components.errors import DataError, ParamsError
 from components.params import EmbedParams
-from components.storage import Layout, atomic_path, write_json
+from components.storage import Layout, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +222,6 @@ def embed_with_cache(items: pl.DataFrame, cache: pl.DataFrame | None, encoder: s
     return pl.concat(parts).drop("text"), len(miss), len(todo)
 
 
-def write_embeddings(frame: pl.DataFrame, version: str, path: Path) -> None:
-    """Atomically write the output with its encoder_version in the parquet key-value metadata."""
-    with atomic_path(path) as tmp:
-        frame.write_parquet(tmp, compression="zstd", statistics=True, metadata={VERSION_KEY: version})
-
-
 # ---------------------------------------------------------------------------------------------- stage
 
 
@@ -262,7 +256,7 @@ def run_embed(params: EmbedParams, layout: Layout) -> dict:
         sources = [layout.validated.items]
     frame = frame.sort("item_id")
     encode = time.perf_counter()
-    write_embeddings(frame, version, layout.embeddings)
+    write_parquet(frame, layout.embeddings, metadata={VERSION_KEY: version})  # the cache key of the next run
     metrics = {
         "encoder": params.encoder,
         "encoder_version": version,

@@ -16,9 +16,6 @@ residuals. Per-level utilization is tracked during training.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,26 +23,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from components import checkpoints
 from components.errors import DataError
+from components.layers import mlp
 from components.params import RQVAEParams
 from components.semid.quantizer import ResidualQuantizer
-from components.storage import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it found is not news
 
-CHECKPOINT_FORMAT = 1
 STD_FLOOR = 1e-4  # all-MiniLM-L6-v2 has dimensions with std 0 (PEERS.md)
-
-
-def mlp(dims: list[int]) -> nn.Sequential:
-    """Linear layers with SiLU between them (none after the last); an empty list of hidden dims is fine."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims, dims[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(dims) - 2:
-            layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
 
 
 class SemanticIdModel(nn.Module):
@@ -59,9 +46,9 @@ class SemanticIdModel(nn.Module):
         hidden = list(config["hidden_dims"])
         self.register_buffer("mean", torch.zeros(D))
         self.register_buffer("std", torch.ones(D))
-        self.encoder = mlp([D, *hidden, Dz]) if autoencoder else nn.Sequential()
+        self.encoder = mlp([D, *hidden, Dz], nn.SiLU) if autoencoder else nn.Sequential()
         self.quantizer = ResidualQuantizer(config["levels"], config["codebook_size"], Dz if autoencoder else D)
-        self.decoder = mlp([Dz, *reversed(hidden), D]) if autoencoder else nn.Sequential()
+        self.decoder = mlp([Dz, *reversed(hidden), D], nn.SiLU) if autoencoder else nn.Sequential()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -161,65 +148,36 @@ def config_of(p: RQVAEParams, input_dim: int) -> dict:
             "codebook_size": p.codebook_size, "hidden_dims": list(p.hidden_dims)}
 
 
-def codebook_version(config: dict, state: dict[str, torch.Tensor]) -> str:
-    """Content hash of a checkpoint (config + every tensor's dtype, shape and bytes): same weights, same id."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.numpy().tobytes())
-    return digest.hexdigest()[:16]
+CHECKPOINT = checkpoints.Kind("RQ-VAE", "codebook_version", "current.json", "semid train_rqvae")
+
+
+def codebook_version(model: SemanticIdModel) -> str:
+    """The content hash that names a model's checkpoint file."""
+    return checkpoints.content_hash(model.config, model.state_dict())
 
 
 def save_checkpoint(model: SemanticIdModel, directory: Path, extra: dict) -> tuple[str, Path]:
     """Write models/rqvae/<codebook_version>.pt atomically; return the version and the path."""
-    state = model.state_dict()
-    version = codebook_version(model.config, state)
-    path = Path(directory) / f"{version}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, "codebook_version": version, "config": model.config,
-                    "state_dict": state, **extra}, tmp)
-    return version, path
+    return checkpoints.save(CHECKPOINT, directory, model.config, model.state_dict(), extra)
 
 
 def load_checkpoint(path: Path) -> tuple[SemanticIdModel, dict]:
-    """Load a checkpoint without executing code (weights_only=True) and verify its content hash."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = SemanticIdModel(ckpt["config"])
-        model.load_state_dict(ckpt["state_dict"])
-    except FileNotFoundError:
-        raise DataError(f"{path}: checkpoint not found (run `semid rqvae train` first)") from None
-    except Exception as exc:  # corrupt zip, unpickling refused, missing keys, shape mismatch
-        raise DataError(f"{path}: not a valid semid RQ-VAE checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0]})") from exc
-    found = codebook_version(model.config, model.state_dict())
-    if found != ckpt.get("codebook_version"):
-        raise DataError(f"{path}: checkpoint content hash {found} does not match its recorded codebook_version "
-                        f"{ckpt.get('codebook_version')} (corrupt or edited file)")
-    model.eval()
-    return model, ckpt
+    """Load a checkpoint without executing code and verify its content hash."""
+    return checkpoints.load(CHECKPOINT, path, SemanticIdModel)
 
 
 def read_current(directory: Path) -> tuple[str, Path]:
     """The codebook version that models/rqvae/current.json points at, and its checkpoint file."""
-    pointer = Path(directory) / "current.json"
-    try:
-        version = json.loads(pointer.read_text())["codebook_version"]
-    except FileNotFoundError:
-        raise DataError(f"{pointer}: no current RQ-VAE checkpoint (run `semid rqvae train` first)") from None
-    except (ValueError, KeyError) as exc:
-        raise DataError(f"{pointer}: unreadable pointer, expected {{\"codebook_version\": ...}} ({exc})") from exc
+    version = checkpoints.read_pointer(CHECKPOINT, directory)
+    if version is None:
+        raise DataError(f"{Path(directory) / CHECKPOINT.pointer}: no current RQ-VAE checkpoint (run "
+                        f"`{CHECKPOINT.made_by}` first)")
     return version, Path(directory) / f"{version}.pt"
 
 
 def write_current(directory: Path, version: str) -> None:
-    """Point models/rqvae/current.json at a checkpoint that exists (an atomic rename: readers never see half)."""
-    if not (Path(directory) / f"{version}.pt").exists():
-        raise DataError(f"{directory}/{version}.pt: cannot make a missing checkpoint current")
-    write_json({"codebook_version": version, "checkpoint": f"{version}.pt"}, Path(directory) / "current.json")
+    """Make a checkpoint that exists current (an atomic rename: readers never see half a pointer)."""
+    checkpoints.write_pointer(CHECKPOINT, directory, version)
 
 
 def load_current(directory: Path) -> tuple[SemanticIdModel, str]:

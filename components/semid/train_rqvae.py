@@ -28,6 +28,7 @@ from components.semid import rqvae
 from components.errors import DataError, SemidError
 from components.params import RQVAEParams
 from components.storage import Layout, write_json, write_text
+from components.window import Window, data_span
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,16 @@ class QualityGateFailed(SemidError):
     """The new codebooks are worse than params allow; the previous checkpoint stays current."""
 
 
-def training_window(p: RQVAEParams, layout: Layout) -> tuple[dt.datetime, dt.datetime]:
+def training_window(p: RQVAEParams, layout: Layout) -> Window:
     """[as_of - window_days, as_of); as_of defaults to the day after the last validated events partition."""
     as_of = p.as_of
     if as_of is None:
-        days = [day for day, _ in layout.validated.event_files()]
-        if not days:
+        span = data_span(layout.validated)
+        if span is None:
             raise DataError(f"{layout.validated.events}: no events partitions to infer rqvae.as_of from; "
                             "set rqvae.as_of in params.yaml")
-        as_of = max(days) + dt.timedelta(days=1)
-    end = dt.datetime.combine(as_of, dt.time(), tzinfo=dt.timezone.utc)
-    return end - dt.timedelta(days=p.window_days), end
+        as_of = span.end
+    return Window.ending(as_of, dt.timedelta(days=p.window_days))
 
 
 def active_items(items: pl.DataFrame, start: dt.datetime, end: dt.datetime) -> pl.DataFrame:
@@ -57,20 +57,19 @@ def active_items(items: pl.DataFrame, start: dt.datetime, end: dt.datetime) -> p
 
 def load_window_vectors(p: RQVAEParams, layout: Layout) -> tuple[pl.DataFrame, torch.Tensor, dict]:
     """item_ids (sorted) and their embeddings (N, D) for the items active in the training window."""
-    start, end = training_window(p, layout)
+    window = training_window(p, layout)
     items = active_items(pl.read_parquet(layout.validated.items, columns=["item_id", "created_at", "retired_at"]),
-                         start, end)
+                         *window)
     if not layout.embeddings.exists():
         raise DataError(f"{layout.embeddings}: embeddings not found (run `semid embed` first)")
     emb = pl.read_parquet(layout.embeddings, columns=["item_id", "vector"]).join(
         items.select("item_id"), on="item_id", how="semi").sort("item_id")
     if emb.height < p.codebook_size:
-        raise DataError(f"{layout.embeddings}: {emb.height} items active in the window {start.date()}.."
-                        f"{end.date()}, fewer than rqvae.codebook_size={p.codebook_size}; widen "
-                        "rqvae.window_days or lower the codebook size")
+        raise DataError(f"{layout.embeddings}: {emb.height} items active in the window {window}, fewer than "
+                        f"rqvae.codebook_size={p.codebook_size}; widen rqvae.window_days or lower the codebook size")
     x = torch.from_numpy(np.require(emb["vector"].to_numpy(), np.float32, ["W"]))  # torch wants it writable
-    window = {"start": start.date().isoformat(), "end": end.date().isoformat(), "items": emb.height}
-    return emb.select("item_id"), x, window
+    return emb.select("item_id"), x, {"start": f"{window.start:%Y-%m-%d}", "end": f"{window.end:%Y-%m-%d}",
+                                      "items": emb.height}
 
 
 def code_quality(codes: torch.Tensor, K: int) -> dict:
@@ -160,7 +159,7 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout) -> dict:
     gate = {"min_utilization": p.min_utilization, "max_collision_rate": p.max_collision_rate,
             "passed": min(quality["utilization"]) >= p.min_utilization
             and quality["collision_rate"] <= p.max_collision_rate}
-    version = rqvae.codebook_version(model.config, model.state_dict())
+    version = rqvae.codebook_version(model)
     metrics = {
         "codebook_version": version,
         "promoted": gate["passed"],
