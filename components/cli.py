@@ -1,4 +1,5 @@
-"""`semid <stage>`: one subcommand per DVC stage (same name), plus helpers around them.
+"""`semid <stage>`: one subcommand per DVC stage, named exactly as the stage in dvc.yaml (`semid train_rqvae` runs
+stage train_rqvae), plus helpers around them. Hyphens work too (`semid train-rqvae`, `--endpoint_url`).
 
 Heavy libraries are imported inside each command, so `semid --help` stays instant.
 """
@@ -12,10 +13,11 @@ from typing import Annotated
 
 import typer
 
-from components.errors import SemidError
+from components.errors import ParamsError, SemidError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Keep Semantic IDs fresh and retrain the ranker that uses them.")
+                  help="Keep Semantic IDs fresh and retrain the ranker that uses them.",
+                  context_settings={"token_normalize_func": lambda token: token.replace("-", "_")})
 
 ParamsFile = Annotated[Path, typer.Option("--params", help="The params file to read (every knob, commented).")]
 
@@ -45,16 +47,19 @@ def generate(params: ParamsFile = Path("params.yaml")) -> None:
         from components.data.world import run_generate
         run_generate(p.world, Layout())
     elif p.data.source == "movielens":
+        if p.data.movielens_dir is None:
+            raise ParamsError(f"{params}: data.movielens_dir is null; data.source 'movielens' needs the directory of "
+                              f"a MovieLens release (set it in params.yaml or with -S data.movielens_dir=PATH)")
         from components.data.movielens import run_import
         from components.storage import staged_dir, write_json
         run_import(Path(p.data.movielens_dir), Layout())
         with staged_dir(Layout().world) as tmp:  # no ground truth: only where data/raw came from
             write_json({"source": "movielens", "directory": p.data.movielens_dir}, tmp / "world.json")
     else:
-        raise SemidError(f"{params}: data.source is {p.data.source!r}, expected 'synthetic' or 'movielens'")
+        raise ParamsError(f"{params}: data.source is {p.data.source!r}, expected 'synthetic' or 'movielens'")
 
 
-@app.command("import-movielens")
+@app.command("import_movielens")
 @stage
 def import_movielens(
     directory: Annotated[Path, typer.Argument(help="A MovieLens release: ml-latest(-small), ml-25m, ml-1m or ml-100k.")],
@@ -88,35 +93,16 @@ def embed(params: ParamsFile = Path("params.yaml")) -> None:
     run_embed(load_params(params).embed, Layout())
 
 
-rqvae_app = typer.Typer(no_args_is_help=True, help="The Semantic ID model (RQ-VAE or residual k-means).")
-app.add_typer(rqvae_app, name="rqvae")
-
-
-@rqvae_app.command("train")
+@app.command("train_rqvae")
 @stage
-def rqvae_train(params: ParamsFile = Path("params.yaml")) -> None:
-    """Train on the items active in the trailing window; promote the checkpoint only if the gates pass."""
+def train_rqvae(params: ParamsFile = Path("params.yaml")) -> None:
+    """Train the codebooks on the items active in the trailing window; promote the checkpoint only if the
+    quality gates pass."""
     from components.params import load_params
-    from components.storage import Layout
     from components.semid.train_rqvae import run_train_rqvae
+    from components.storage import Layout
 
     run_train_rqvae(load_params(params).rqvae, Layout())
-
-
-ranker_app = typer.Typer(no_args_is_help=True, help="The DLRM-style ranker that consumes the SemIDs.")
-app.add_typer(ranker_app, name="ranker")
-
-
-@ranker_app.command("train")
-@stage
-def ranker_train(params: ParamsFile = Path("params.yaml")) -> None:
-    """One time-ordered pass over ranker.train_days, NE by segment on the next ranker.eval_hours, and
-    champion/challenger promotion (models/ranker/champion.json moves only if NE is not worse)."""
-    from components.params import load_params
-    from components.storage import Layout
-    from components.ranker.train_ranker import run_train_ranker
-
-    run_train_ranker(load_params(params).ranker, Layout())
 
 
 @app.command()
@@ -140,6 +126,42 @@ def backfill(
     if publish:
         from components.semid.publish import publish_current
         publish_current(Layout(), publish, endpoint_url or p.s3_endpoint_url)
+
+
+@app.command("train_ranker")
+@stage
+def train_ranker(params: ParamsFile = Path("params.yaml")) -> None:
+    """One time-ordered pass over ranker.train_days, NE by segment on the next ranker.eval_hours, and
+    champion/challenger promotion (models/ranker/champion.json moves only if NE is not worse)."""
+    from components.params import load_params
+    from components.ranker.train_ranker import run_train_ranker
+    from components.storage import Layout
+
+    run_train_ranker(load_params(params).ranker, Layout())
+
+
+# The spellings of release 0.1, kept for one release: `semid rqvae train` and `semid ranker train`.
+rqvae_app = typer.Typer(hidden=True, help="Deprecated: use `semid train_rqvae`.")
+ranker_app = typer.Typer(hidden=True, help="Deprecated: use `semid train_ranker`.")
+app.add_typer(rqvae_app, name="rqvae")
+app.add_typer(ranker_app, name="ranker")
+
+
+def deprecated(old: str, new: str) -> None:
+    typer.secho(f"warning: `semid {old}` is deprecated and will be removed in the next release; use "
+                f"`semid {new}` (the DVC stage's name)", fg="yellow", err=True)
+
+
+@rqvae_app.command("train", help="Deprecated spelling of `semid train_rqvae`.")
+def rqvae_train(params: ParamsFile = Path("params.yaml")) -> None:
+    deprecated("rqvae train", "train_rqvae")
+    train_rqvae(params)
+
+
+@ranker_app.command("train", help="Deprecated spelling of `semid train_ranker`.")
+def ranker_train(params: ParamsFile = Path("params.yaml")) -> None:
+    deprecated("ranker train", "train_ranker")
+    train_ranker(params)
 
 
 if __name__ == "__main__":

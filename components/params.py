@@ -19,7 +19,7 @@ from components.errors import ParamsError
 @dataclasses.dataclass(frozen=True)
 class DataParams:
     source: str = "synthetic"  # "synthetic" (semid generate) or "movielens" (import movielens_dir)
-    movielens_dir: str = "../shared/data/movielens-latest-small"
+    movielens_dir: str | None = None  # a MovieLens release directory, for source "movielens"
 
 
 @dataclasses.dataclass(frozen=True)

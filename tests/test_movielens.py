@@ -15,7 +15,7 @@ from components.data.movielens import load_release, run_import
 from components.storage import DataDir, Layout
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movielens"
-SAMPLE = Path("/work/shared/data/movielens-latest-small")
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-latest-small"  # ../shared
 UTC = dt.timezone.utc
 
 
