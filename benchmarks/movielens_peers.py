@@ -1,8 +1,8 @@
-"""Our Semantic IDs against the peers of PEERS.md, on the same data: MovieLens latest-small, MiniLM vectors,
-L=3 levels of K=256 codes. Prints train time, assignment items/s, utilization, collision rate, largest SemID
-and genre purity of level-1 codes, with PEERS.md's goals.
+"""Our Semantic IDs against the peers of docs/design-notes.md ("Peer figures"), on the same data: MovieLens
+latest-small, MiniLM vectors, L=3 levels of K=256 codes. Prints train time, assignment items/s, utilization,
+collision rate, largest SemID and genre purity of level-1 codes, with the goals set against those peers.
 
-    python benchmarks/movielens_peers.py [--movielens ../shared/data/movielens-latest-small]
+    python benchmarks/movielens_peers.py --movielens PATH/TO/movielens-latest-small
 """
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def faiss_rq(x: np.ndarray, beam: int) -> tuple[float, np.ndarray, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--movielens", type=Path, default=Path("../shared/data/movielens-latest-small"))
+    parser.add_argument("--movielens", type=Path, required=True,
+                        help="the ml-latest-small release directory (ratings.csv, movies.csv, tags.csv)")
     args = parser.parse_args()
     faiss.omp_set_num_threads(torch.get_num_threads())
     items, _ = load_release(args.movielens)
@@ -100,7 +101,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['train_s']:.1f} | {r['items_per_s']:,.0f} | {r['util']} | "
               f"{r['collision']:.2%} | {r['max_per_id']} | {r['purity']:.3f} |")
-    print("\nPEERS.md goals: utilization >= 0.95 at every level, collision < 1.08% (best peer), purity at least "
+    print("\nGoals (docs/design-notes.md): utilization >= 0.95 at every level, collision < 1.08% (best peer), purity at least "
           "the peers', assignment at least faiss beam 1's items/s.")
 
 

@@ -18,8 +18,8 @@ Figures, RankerParams defaults unless said (training window ranker_window: 42 da
 3  2M rows      the same with the SemID table sized to --rows (2,000,000) rows: sparse gradients + Adagrad
                 keep the cost per step independent of the table size; for contrast (--dense-contrast, on by
                 default) a few batches of the same model with dense gradients (EmbeddingBag sparse=False) and
-                Adam on every parameter, whose cost per step grows with the table (STACK.md: ~25x slower at
-                batch 4,096; more at the stage's batch 256)
+                Adam on every parameter, whose cost per step grows with the table (docs/design-notes.md,
+                "Sparse gradients": ~25x slower at batch 4,096; more at the stage's batch 256)
 
 --device cuda runs the same figures on the GPU at batch 65,536 (RankerParams.batch_size overridden) on the
 whole training window by default, and adds each pass's peak torch.cuda.max_memory_allocated(). The CPU path

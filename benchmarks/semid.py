@@ -9,7 +9,7 @@ items by default) with L=3 levels of K=256 codes; the ones with a latent space u
 - ours, rqvae      rqvae.train(RQVAEParams()), then model.assign (normalise, MLP encoder 384->256->32, RQ)
 - ours, rqkmeans   residual k-means on the normalised 384-d input (no autoencoder)
 - faiss PCA32+RQ   faiss.PCAMatrix(384, 32) + faiss.ResidualQuantizer(32, 3, 8), beam 1: the same latent size
-- faiss RQ 384-d   faiss.ResidualQuantizer(384, 3, 8) on the raw input, beam 1 (what PEERS.md measured)
+- faiss RQ 384-d   faiss.ResidualQuantizer(384, 3, 8) on the raw input, beam 1 (what docs/design-notes.md's peers measured)
 
 Figures per method: collision rate, utilization per level, most items on one SemID, train seconds, and
 assignment items/s over all N (best of 2 passes after a warm-up; torch and faiss on the same thread count).
@@ -51,7 +51,7 @@ from components.storage import Layout, write_parquet  # noqa: E402
 from components.semid.train_rqvae import code_quality  # noqa: E402
 
 DIM = 384
-DEAD_DIMS = [127, 223]  # all-MiniLM-L6-v2 has dimensions with std 0 (PEERS.md)
+DEAD_DIMS = [127, 223]  # all-MiniLM-L6-v2 has dimensions with std 0 (docs/design-notes.md)
 TOPICS = (20, 12, 10)  # top topics, sub-topics per top, leaves per sub: 2,400 leaf topics
 SPREAD = (1.0, 0.7, 0.5, 0.8)  # norm of: top centre, sub offset, leaf offset, item noise
 SHARED = 0.5  # norm of a direction every vector shares: unrelated texts still have cosine ~0.1 in MiniLM

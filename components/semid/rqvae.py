@@ -9,10 +9,10 @@
 method "rqkmeans" keeps the normalisation and the quantizer but no autoencoder (z = x_n), with codebooks
 from residual k-means: one peer study found it better, so users can compare both on their own data.
 
-How training avoids the collapse seen in the best public RQ-VAE (PEERS.md): the autoencoder first trains
-alone for warmup_steps so the scale of z settles, then each level's codebook is initialised by k-means on
-the residuals it will see, and codes that no item chose during restart_every steps are restarted on live
-residuals. Per-level utilization is tracked during training.
+How training avoids the collapse seen in the best public RQ-VAE (docs/design-notes.md, "Codebook collapse"):
+the autoencoder first trains alone for warmup_steps so the scale of z settles, then each level's codebook is
+initialised by k-means on the residuals it will see, and codes that no item chose during restart_every steps
+are restarted on live residuals. Per-level utilization is tracked during training.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from components.semid.quantizer import ResidualQuantizer
 log = logging.getLogger(__name__)
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it found is not news
 
-STD_FLOOR = 1e-4  # all-MiniLM-L6-v2 has dimensions with std 0 (PEERS.md)
+STD_FLOOR = 1e-4  # all-MiniLM-L6-v2 has dimensions with std 0 (docs/design-notes.md, "MiniLM has dead dimensions")
 
 
 class SemanticIdModel(nn.Module):
