@@ -23,10 +23,10 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from components.data import contracts  # noqa: E402
-from components.semid import embedding  # noqa: E402
-from components.params import EmbedParams, WorldParams  # noqa: E402
-from components.storage import Layout  # noqa: E402
 from components.data.world import load_taxonomy, make_items  # noqa: E402
+from components.params import EmbedParams, WorldParams  # noqa: E402
+from components.semid import embedding  # noqa: E402
+from components.storage import Layout  # noqa: E402
 
 
 def world_items(n: int) -> pl.DataFrame:

@@ -16,9 +16,9 @@ import numpy as np
 import polars as pl
 import torch
 
-from components.semid.embedding import embed_texts
 from components.data.movielens import load_release
 from components.params import RQVAEParams
+from components.semid.embedding import embed_texts
 from components.semid.rqvae import train
 
 L, K = 3, 256

@@ -51,17 +51,25 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from components.data.world import run_generate  # noqa: E402
 from components.errors import ParamsError  # noqa: E402
 from components.params import RankerParams, WorldParams  # noqa: E402
+from components.ranker.device import autocast, pick_device, to_device  # noqa: E402
+from components.ranker.examples import (  # noqa: E402
+    Examples,
+    build_examples,
+    click_history,
+    day_files,
+    in_window,
+    load_clicks,
+    load_examples,
+    ranker_window,
+)
 from components.ranker.model import Ranker, bce  # noqa: E402
-from components.ranker.examples import (Examples, build_examples, click_history, day_files,  # noqa: E402
-                                        in_window, load_clicks, load_examples, ranker_window)
+from components.ranker.train_ranker import model_config, train_one_pass  # noqa: E402
 from components.semid.store import SemIdStore, code_columns, code_dtype  # noqa: E402
 from components.storage import DataDir, Layout  # noqa: E402
 from components.window import Window  # noqa: E402
-from components.ranker.device import autocast, pick_device, to_device  # noqa: E402
-from components.ranker.train_ranker import model_config, train_one_pass  # noqa: E402
-from components.data.world import run_generate  # noqa: E402
 
 LEVELS, CODEBOOK_SIZE = 3, 256  # L, K of the random SemIDs
 CPU_EXAMPLES = 200_000  # training rows timed on CPU (~5-10 s a figure on 2 cores)

@@ -44,11 +44,11 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from components.params import RQVAEParams  # noqa: E402
 from components.semid import rqvae  # noqa: E402
 from components.semid.embedding import VERSION_KEY  # noqa: E402
-from components.params import RQVAEParams  # noqa: E402
-from components.storage import Layout, write_parquet  # noqa: E402
 from components.semid.train_rqvae import code_quality  # noqa: E402
+from components.storage import Layout, write_parquet  # noqa: E402
 
 DIM = 384
 DEAD_DIMS = [127, 223]  # all-MiniLM-L6-v2 has dimensions with std 0 (docs/design-notes.md)

@@ -75,9 +75,9 @@ def import_movielens(
 @stage
 def validate(params: ParamsFile = Path("params.yaml")) -> None:
     """Gate data/raw with Great Expectations; write data/validated only when it passes."""
+    from components.data.validation import run_validate
     from components.params import load_params
     from components.storage import Layout
-    from components.data.validation import run_validate
 
     run_validate(load_params(params).validation, Layout())
 
@@ -86,8 +86,8 @@ def validate(params: ParamsFile = Path("params.yaml")) -> None:
 @stage
 def embed(params: ParamsFile = Path("params.yaml")) -> None:
     """Embed validated items with the CU model (embed.encoder); a re-run encodes only new or edited texts."""
-    from components.semid.embedding import run_embed
     from components.params import load_params
+    from components.semid.embedding import run_embed
     from components.storage import Layout
 
     run_embed(load_params(params).embed, Layout())

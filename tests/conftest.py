@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="semid-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # 2 busy cores: be patient
 
+from components.data.world import run_generate  # noqa: E402
 from components.params import WorldParams  # noqa: E402
 from components.storage import Layout  # noqa: E402
-from components.data.world import run_generate  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,12 @@ import polars as pl
 import pytest
 
 from components.data import contracts
-from components.semid import embedding
-from components.semid.embedding import VERSION_KEY, embed_texts, run_embed
+from components.data.world import load_taxonomy, make_titles
 from components.errors import DataError, ParamsError
 from components.params import EmbedParams
+from components.semid import embedding
+from components.semid.embedding import VERSION_KEY, embed_texts, run_embed
 from components.storage import Layout
-from components.data.world import load_taxonomy, make_titles
 
 HASHING = EmbedParams(encoder="hashing-test")
 NOUNS = ("running shoes", "coffee grinder", "wireless headphones", "yoga mat", "frying pan", "face cream")

@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from components.data.contracts import check_schema, read_schema
-from components.errors import DataError
 from components.data.movielens import load_release, run_import
+from components.errors import DataError
 from components.storage import DataDir, Layout
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movielens"

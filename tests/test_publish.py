@@ -10,10 +10,10 @@ import torch
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
-from components.semid import publish as pub
-from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
+from components.semid import publish as pub
+from components.semid import rqvae
 from components.semid.backfill import run_backfill
 from components.storage import Layout
 

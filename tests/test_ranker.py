@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from components.ranker import parameterization
-from components.ranker.model import ItemLookup, Ranker, hash_rows
 from components.ranker.examples import AGE_BUCKETS
+from components.ranker.model import ItemLookup, Ranker, hash_rows
 
 K, L, T, D = 16, 3, 5, 8
 

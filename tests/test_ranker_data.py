@@ -10,13 +10,20 @@ import polars as pl
 import pytest
 
 from components.data import contracts
+from components.data.world import run_generate
 from components.errors import DataError, ParamsError
 from components.params import HistoryParams, RankerParams
-from components.ranker.examples import (AGE_BUCKETS, Examples, build_examples, iter_examples, load_clicks,
-                                    load_examples, ranker_window)
+from components.ranker.examples import (
+    AGE_BUCKETS,
+    Examples,
+    build_examples,
+    iter_examples,
+    load_clicks,
+    load_examples,
+    ranker_window,
+)
 from components.semid.store import SemIdStore
 from components.storage import DataDir, Layout
-from components.data.world import run_generate
 from components.window import Window
 
 UTC = dt.timezone.utc

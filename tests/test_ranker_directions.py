@@ -6,8 +6,14 @@ import subprocess
 import pytest
 
 from components.errors import DataError
-from components.ranker.directions import (EXPERIMENTS, directions_table, experiment_command, main, read_results,
-                                          run_experiments)
+from components.ranker.directions import (
+    EXPERIMENTS,
+    directions_table,
+    experiment_command,
+    main,
+    read_results,
+    run_experiments,
+)
 from components.storage import Layout
 
 SEEDS = (0, 1, 2)

@@ -5,9 +5,17 @@ import math
 import numpy as np
 import pytest
 
-from components.ranker.metrics import (SEGMENTS, aar, attention_diagnostics, drift_sensitivity, impression_segments,
-                                       log_loss, ne_by_segment, normalized_entropy, segment_masks)
-
+from components.ranker.metrics import (
+    SEGMENTS,
+    aar,
+    attention_diagnostics,
+    drift_sensitivity,
+    impression_segments,
+    log_loss,
+    ne_by_segment,
+    normalized_entropy,
+    segment_masks,
+)
 
 # --- log loss and NE ---
 

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 import torch
 
-from components.semid import rqvae
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
+from components.semid import rqvae
 from components.semid.backfill import SemIdAssigner, run_backfill
 from components.semid.store import join_history_semids, join_semids, read_store
 from components.storage import Layout

@@ -8,18 +8,18 @@ import numpy as np
 import polars as pl
 import pytest
 
-from components.ranker import metrics as ranker_metrics
-from components.semid.embedding import run_embed
+from components.data.world import run_generate
 from components.errors import CodebookVersionMismatch, DataError, ParamsError
 from components.params import BackfillParams, EmbedParams, HistoryParams, RankerParams, RQVAEParams
-from components.semid.backfill import run_backfill
-from components.semid.store import SemIdStore, read_store
-from components.storage import Layout, write_parquet
+from components.ranker import metrics as ranker_metrics
 from components.ranker.evaluation import copy_partners
 from components.ranker.promotion import load_ranker
 from components.ranker.train_ranker import run_train_ranker
+from components.semid.backfill import run_backfill
+from components.semid.embedding import run_embed
+from components.semid.store import SemIdStore, read_store
 from components.semid.train_rqvae import run_train_rqvae
-from components.data.world import run_generate
+from components.storage import Layout, write_parquet
 
 FAST_RQVAE = RQVAEParams(codebook_size=16, latent_dim=8, hidden_dims=(32,), steps=150, warmup_steps=50,
                          batch_size=256, restart_every=25, max_collision_rate=0.3)

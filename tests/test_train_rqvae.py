@@ -9,14 +9,14 @@ import polars as pl
 import pytest
 import torch
 
-from components.semid import rqvae
-from components.semid.embedding import run_embed
+from components.data.world import run_generate
 from components.errors import DataError
 from components.params import BackfillParams, EmbedParams, RQVAEParams
+from components.semid import rqvae
 from components.semid.backfill import run_backfill
-from components.storage import Layout
+from components.semid.embedding import run_embed
 from components.semid.train_rqvae import QualityGateFailed, active_items, run_train_rqvae, training_window
-from components.data.world import run_generate
+from components.storage import Layout
 
 FAST = RQVAEParams(codebook_size=16, latent_dim=8, hidden_dims=(32,), steps=150, warmup_steps=50,
                    batch_size=256, restart_every=25, max_collision_rate=0.3)  # K=16: 4,096 SemIDs in all

@@ -15,14 +15,14 @@ import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
+from validation_data import DAYS, ITEMS, PER_DAY, START, events_frame, items_frame, set_value, write_raw
 
 from components.cli import app
+from components.data.validation import EventFile, batches, run_validate, select_window
 from components.errors import DataError, ValidationFailed
 from components.params import ValidationParams
 from components.storage import Layout
-from components.data.validation import EventFile, batches, run_validate, select_window
 from components.window import Window
-from validation_data import DAYS, ITEMS, PER_DAY, START, events_frame, items_frame, set_value, write_raw
 
 EVENTS = DAYS * PER_DAY
 DEFAULT = ValidationParams()

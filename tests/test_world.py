@@ -6,10 +6,10 @@ import polars as pl
 import pytest
 
 from components.data import contracts
+from components.data.world import impression_shares, load_taxonomy, run_generate, shared_depth
 from components.params import WorldParams
 from components.provenance import data_version
 from components.storage import Layout
-from components.data.world import impression_shares, load_taxonomy, run_generate, shared_depth
 
 
 def test_taxonomy_has_three_levels_of_distinct_topics():

@@ -42,8 +42,8 @@ import great_expectations.expectations as gxe  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 from great_expectations.validator.v1_validator import Validator  # noqa: E402
 
-from components.data import contracts  # noqa: E402
 from components import provenance  # noqa: E402
+from components.data import contracts  # noqa: E402
 from components.errors import DataError, ParamsError, SemidError, ValidationFailed  # noqa: E402
 from components.params import ValidationParams  # noqa: E402
 from components.storage import DataDir, Layout, staged_dir, write_json, write_parquet, write_text  # noqa: E402

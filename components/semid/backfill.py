@@ -26,9 +26,9 @@ from rich.progress import Progress
 
 from components import provenance
 from components.errors import DataError
+from components.params import BackfillParams
 from components.semid import rqvae
 from components.semid.store import code_columns, code_dtype, store_schema
-from components.params import BackfillParams
 from components.storage import Layout, write_json, write_parquet
 
 log = logging.getLogger(__name__)

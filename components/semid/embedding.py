@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from components.data import contracts
 from components import provenance
+from components.data import contracts
 from components.errors import DataError, ParamsError
 from components.params import EmbedParams
 from components.storage import Layout, write_json, write_parquet

@@ -18,9 +18,9 @@ import logging
 import re
 from pathlib import Path
 
+from components.errors import CodebookVersionMismatch, DataError, SemidError
 from components.semid import rqvae
 from components.semid.store import read_store
-from components.errors import CodebookVersionMismatch, DataError, SemidError
 from components.storage import Layout, atomic_path
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,9 @@ import torch
 from rich.progress import Progress
 
 from components import provenance
-from components.semid import rqvae
 from components.errors import DataError, SemidError
 from components.params import RQVAEParams
+from components.semid import rqvae
 from components.storage import Layout, write_json, write_text
 from components.window import Window, data_span
 
