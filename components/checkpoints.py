@@ -52,8 +52,10 @@ def save(kind: Kind, directory: Path, config: dict, state: dict[str, torch.Tenso
     version = content_hash(config, state)
     path = Path(directory) / f"{version}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, kind.version_key: version, "config": config, "state_dict": state, **extra}, tmp)
+    with atomic_path(path) as tmp, tmp.open("wb") as fh:
+        # Saved through a file object: torch names the archive inside after a path's file name (here a random
+        # temporary one), after a file object "archive", so the same checkpoint gives the same bytes.
+        torch.save({"format": FORMAT, kind.version_key: version, "config": config, "state_dict": state, **extra}, fh)
     return version, path
 
 
