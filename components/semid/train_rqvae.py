@@ -1,4 +1,4 @@
-"""The `train_rqvae` stage (`semid rqvae train`): refresh the Semantic ID codebooks on a trailing window.
+"""The `train_rqvae` stage (`semid train_rqvae`): refresh the Semantic ID codebooks on a trailing window.
 
 load     validated items + their CU embeddings; keep the items active in [as_of - window_days, as_of)
 train    components/semid/rqvae.py (method rqvae or rqkmeans)
