@@ -23,6 +23,14 @@ class DataParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShiftParams:
+    """A change of the synthetic world from start_day on, so that each drift check can be seen to fire."""
+    kind: str = "none"  # "none" | "topic" | "flood" | "concentration"
+    start_day: int = 45  # first shifted day, counted from world.start (0-based)
+    strength: float = 1.0  # how strong (per kind: components/data/world.py)
+
+
+@dataclasses.dataclass(frozen=True)
 class WorldParams:
     """The synthetic item/event stream; see components/data/world.py for what each knob does."""
     seed: int = 7
@@ -45,6 +53,7 @@ class WorldParams:
     exact_copy_fraction: float = 0.02
     near_copy_fraction: float = 0.02
     category_null_fraction: float = 0.05
+    shift: ShiftParams = ShiftParams()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,13 @@ What it models, and why each piece is there:
 - clicks: logit = base + affinity_weight * affinity(user, item leaf) + item effect + user bias + dense effects,
   with affinity 1 / 0.6 / 0.3 / 0 for a favoured leaf / sibling leaf / same top-level topic / other, so what is
   learned on one item transfers to items of the same topic;
-- exact copies (same text, new raw ID, created later) and near-copies (slightly edited text) for A/A tests.
+- exact copies (same text, new raw ID, created later) and near-copies (slightly edited text) for A/A tests;
+- optionally a drift scenario from shift.start_day on (`world.shift`): `topic` draws new items from 1 of the 8
+  top-level topics only (with probability strength), `flood` brings (1 + 4 strength) times as many new items a
+  day, `concentration` multiplies the impressions of each day's most popular items (the top torso fraction of
+  the items alive) by (1 + 19 strength). The scenario draws
+  from its own random stream, so the world before it is the same as without it (but for flood, whose extra
+  items join the popularity ranking).
 
 Ground truth (taxonomy, item topics and effects, copies, users) goes to data/world/ and is never a model input.
 """
@@ -31,6 +37,7 @@ import yaml
 from rich.progress import track
 
 from components.data import contracts
+from components.errors import ParamsError
 from components.params import WorldParams
 from components.storage import DataDir, Layout, staged_dir, write_json, write_parquet
 
@@ -51,6 +58,8 @@ TITLE_TEMPLATES = (
 ADJECTIVES = ("premium", "compact", "best-selling", "lightweight", "durable", "classic", "modern", "affordable",
               "professional", "everyday", "limited edition", "eco-friendly")
 NEAR_COPY_EDITS = ("{text} - free shipping", "{text} (2 pack)", "Sale: {text}", "{text} - now in stock")
+SHIFTS = ("none", "topic", "flood", "concentration")
+SHIFTED_TOPICS = 1  # topic shift: new items come from this many top-level topics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,11 +136,21 @@ def make_items(p: WorldParams, tax: Taxonomy, rng: np.random.Generator) -> pl.Da
     retire0 = t0 + rng.exponential(mean_life, n0)
     n_new = rng.poisson(active / mean_life * p.days)
     born_new = np.sort(rng.uniform(t0, t1, n_new))
+    shift, shift_rng = p.shift, np.random.default_rng([p.seed, 1])
+    if shift.kind == "flood":  # the extra arrivals of (1 + 4 strength) times as many new items a day
+        extra = shift_rng.poisson(4 * shift.strength * active / mean_life * (p.days - shift.start_day))
+        born_new = np.sort(np.concatenate([born_new, shift_rng.uniform(t0 + shift.start_day, t1, extra)]))
+        n_new = len(born_new)
     born = np.concatenate([born0, born_new])
     retire = np.concatenate([retire0, born_new + rng.exponential(mean_life, n_new)])
     n = len(born)
     leaf_weights = rng.lognormal(0.0, 0.5, len(tax.names))
     leaf = rng.choice(len(tax.names), n, p=leaf_weights / leaf_weights.sum())
+    if shift.kind == "topic":
+        topics = shift_rng.choice(tax.l1.max() + 1, SHIFTED_TOPICS, replace=False)
+        pool = np.flatnonzero(np.isin(tax.l1, topics))
+        moved = (born >= t0 + shift.start_day) & (shift_rng.random(n) < shift.strength)
+        leaf[moved] = shift_rng.choice(pool, moved.sum(), p=leaf_weights[pool] / leaf_weights[pool].sum())
     effect = rng.normal(0.0, p.item_effect_std, n)
     texts = make_titles(tax, leaf, rng)
     copy_of = np.full(n, -1)
@@ -224,7 +243,12 @@ def make_day(day: int, p: WorldParams, tax: Taxonomy, items: pl.DataFrame, users
     alive = items.filter((pl.col("born") < end) & (pl.col("retire") > start))
     lo = np.maximum(alive["born"].to_numpy(), start)
     overlap = np.minimum(alive["retire"].to_numpy(), end) - lo
-    counts = rng.poisson(alive["rate"].to_numpy() * overlap)
+    rate = alive["rate"].to_numpy()
+    if p.shift.kind == "concentration" and day >= p.shift.start_day:  # the day's most popular items take more
+        top = np.argsort(-rate, kind="stable")[:max(1, int(round(p.torso_items_fraction * len(rate))))]
+        rate = rate.copy()
+        rate[top] *= 1 + 19 * p.shift.strength
+    counts = rng.poisson(rate * overlap)
     idx = np.repeat(np.arange(len(alive)), counts)  # (E,) row in `alive` per impression
     ts = lo[idx] + rng.random(len(idx)) * overlap[idx]
     leaf = alive["leaf"].to_numpy()[idx]
@@ -260,8 +284,19 @@ def make_day(day: int, p: WorldParams, tax: Taxonomy, items: pl.DataFrame, users
     })
 
 
+def check_shift(p: WorldParams) -> None:
+    s = p.shift
+    if s.kind not in SHIFTS:
+        raise ParamsError(f"world.shift.kind is {s.kind!r}, expected one of {', '.join(SHIFTS)}")
+    if s.kind != "none" and not 0 <= s.start_day < p.days:
+        raise ParamsError(f"world.shift.start_day is {s.start_day}, expected a day in 0..{p.days - 1} (world.days)")
+    if not s.strength > 0 or (s.kind == "topic" and s.strength > 1):
+        raise ParamsError(f"world.shift.strength is {s.strength}, expected > 0 (at most 1 for kind topic)")
+
+
 def run_generate(p: WorldParams, layout: Layout) -> dict:
     """Write data/raw (items + daily event partitions) and data/world (ground truth); return the stats."""
+    check_shift(p)
     rng = np.random.default_rng(p.seed)
     tax = load_taxonomy()
     items = make_items(p, tax, rng)
