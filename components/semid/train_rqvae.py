@@ -134,7 +134,9 @@ def current_if_same(layout: Layout, data_version: str) -> tuple[rqvae.SemanticId
     if not (layout.rqvae / "current.json").exists():
         return None
     model, ckpt = rqvae.load_checkpoint(rqvae.read_current(layout.rqvae)[1])
-    if ckpt.get("training_data_version") != data_version:
+    # A checkpoint without its quality record (saved before the drift stage existed) is retrained: the same
+    # seed and data give the same weights, and the new file carries the record that codebook_fit reads.
+    if ckpt.get("training_data_version") != data_version or "quality" not in ckpt:
         return None
     log.info("codebook %s was trained on this exact window and params: reused, not retrained",
              ckpt["codebook_version"])
@@ -184,7 +186,8 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout) -> dict:
     if gate["passed"] and not reused:
         _, path = rqvae.save_checkpoint(model, layout.rqvae, {
             "provenance": metrics["provenance"], "window": window, "training_data_version": data_version,
-            "history": history})
+            "history": history, "quality": {"items": window["items"], "utilization": quality["utilization"],
+                                            "collision_rate": quality["collision_rate"]}})
         rqvae.write_current(layout.rqvae, version)
         log.info("codebook %s is current (%s)", version, path)
     write_json(metrics, layout.metrics / "rqvae.json")
