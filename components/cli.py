@@ -140,6 +140,23 @@ def train_ranker(params: ParamsFile = Path("params.yaml")) -> None:
     run_train_ranker(load_params(params).ranker, Layout())
 
 
+@app.command()
+@stage
+def drift(
+    params: ParamsFile = Path("params.yaml"),
+    fail_on: Annotated[str | None, typer.Option(
+        "--fail-on", help="Exit 1, naming the checks, when the verdict is at least this: warn or alert. Without "
+                          "it the exit status is 0 whatever the verdict (the report is the product).")] = None,
+) -> None:
+    """Compare the current window's item distribution with the reference window's (raw IDs, SemID prefixes,
+    content, codebook, popularity, labels, features); write the on-call page reports/drift/summary.html."""
+    from components.monitoring.drift import run_drift
+    from components.params import load_params
+    from components.storage import Layout
+
+    run_drift(load_params(params).drift, Layout(), fail_on)
+
+
 # The spellings of release 0.1, kept for one release: `semid rqvae train` and `semid ranker train`.
 rqvae_app = typer.Typer(hidden=True, help="Deprecated: use `semid train_rqvae`.")
 ranker_app = typer.Typer(hidden=True, help="Deprecated: use `semid train_ranker`.")

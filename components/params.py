@@ -147,6 +147,43 @@ class RankerParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """Where a drift check turns WARN and ALERT (for semid_coverage, where lower is worse: below them)."""
+    warn: float | None = None  # codebook_age: drift.max_codebook_age_days
+    alert: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftThresholds:
+    """One entry per drift check (components/monitoring/checks.py), calibrated on no-drift window pairs."""
+    semid_prefix_shift: Thresholds = Thresholds(0.23, 0.27)
+    raw_id_churn: Thresholds = Thresholds(0.2, 0.27)
+    content_drift: Thresholds = Thresholds(0.62, 0.7)
+    semid_coverage: Thresholds = Thresholds(0.9999, 0.999)
+    codebook_fit: Thresholds = Thresholds(0.3, 0.6)
+    codebook_age: Thresholds = Thresholds(None, 182)
+    popularity_skew: Thresholds = Thresholds(0.2, 0.27)
+    label_drift: Thresholds = Thresholds(0.22, 0.3)
+    feature_drift: Thresholds = Thresholds(0.5, 0.75)
+
+
+@dataclasses.dataclass(frozen=True)
+class DriftParams:
+    """The drift stage (components/monitoring/): a current window against a reference window before it."""
+    as_of: dt.date | None = None  # end (exclusive) of the current window; None: the data's last day + 1
+    current_days: int = 1
+    reference_days: int = 28
+    gap_days: int = 0  # days between the reference window's end and the current window's start
+    embedding_sample: int = 2000  # items per side of the content_drift test
+    sample_rows: int = 100_000  # impressions per window given to Evidently
+    prefix_buckets: int = 256  # SemID prefixes per level kept by name for Evidently (the rest: "other")
+    churn_lag_days: int = 6  # the churn picture: impressions on items (prefixes) not seen this many days earlier
+    max_codebook_age_days: int = 91  # codebook_age WARNs past this: the quarterly refresh is overdue
+    seed: int = 0
+    thresholds: DriftThresholds = DriftThresholds()
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     data: DataParams = DataParams()
     world: WorldParams = WorldParams()
@@ -155,6 +192,7 @@ class Params:
     rqvae: RQVAEParams = RQVAEParams()
     backfill: BackfillParams = BackfillParams()
     ranker: RankerParams = RankerParams()
+    drift: DriftParams = DriftParams()
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

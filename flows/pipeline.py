@@ -19,7 +19,10 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from components.monitoring.page import markdown as drift_markdown
+
 REPO = Path(__file__).resolve().parent.parent
+DRIFT_SUMMARY, DRIFT_PAGE = "reports/drift/summary.json", "reports/drift/summary.html"
 
 
 class StageFailed(RuntimeError):
@@ -54,6 +57,10 @@ def run_stage(stage: str, repo: Path) -> str:
         create_markdown_artifact(key=f"{stage}-metrics".replace("_", "-"),
                                  markdown=f"# {path}\n```json\n{(repo / path).read_text()}\n```",
                                  description=f"{path} after the run")
+    if stage == "drift":  # the on-call verdict, where the Prefect UI shows it
+        summary = json.loads((repo / DRIFT_SUMMARY).read_text())
+        create_markdown_artifact(key="drift-verdict", markdown=drift_markdown(summary),
+                                 description=f"verdict {summary['verdict']}: {DRIFT_SUMMARY}, page {DRIFT_PAGE}")
     return output
 
 

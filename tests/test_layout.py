@@ -21,6 +21,7 @@ STAGE_MODULES = {
     "train_rqvae": ["components.semid.train_rqvae"],
     "backfill": ["components.semid.backfill"],
     "train_ranker": ["components.ranker.train_ranker"],
+    "drift": ["components.monitoring.drift"],
 }
 
 

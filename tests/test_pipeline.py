@@ -17,7 +17,7 @@ FAST_EMBED = {"encoder": "hashing-test"}
 FAST_RQVAE = {"codebook_size": 16, "latent_dim": 8, "hidden_dims": [32], "steps": 150, "warmup_steps": 50,
               "batch_size": 256, "restart_every": 25, "max_collision_rate": 0.3}
 FAST_RANKER = {"train_days": 6, "eval_hours": 48}
-STAGES = ["generate", "validate", "embed", "train_rqvae", "backfill", "train_ranker"]
+STAGES = ["generate", "validate", "embed", "train_rqvae", "backfill", "drift", "train_ranker"]
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -70,6 +70,11 @@ def test_dvc_repro_caches_and_reports_metrics(repo):
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     assert "reports/rqvae/utilization.csv" in plots and "reports/rqvae/cluster_sizes.csv" in plots
     assert "reports/ranker/ne_by_segment.csv" in plots
+    drift = figures["metrics/drift.json"]
+    assert drift["verdict"] in (0, 1, 2) and set(drift["status"]) >= {"semid_prefix_shift", "raw_id_churn"}
+    assert "reports/drift/history.csv" in plots
+    summary = json.loads((repo / "reports" / "drift" / "summary.json").read_text())
+    assert summary["codebook_version"] == version and (repo / "reports" / "drift" / "summary.html").exists()
 
 
 def test_dvc_exp_run_sets_params(repo):
@@ -93,6 +98,9 @@ def test_prefect_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
     proc = run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], REPO)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == STAGES
     assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] is True
+    verdict = json.loads((repo / "reports" / "drift" / "summary.json").read_text())["verdict"]
+    artifact = run([sys.executable, "-m", "prefect", "artifact", "inspect", "drift-verdict"], REPO).stdout
+    assert f"Drift verdict: {verdict}" in artifact and "semid_prefix_shift" in artifact
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["validation"]["window_start"] = "2030-01-01"  # a window with no events: the gate must fail
     params["validation"]["window_end"] = "2030-02-01"
@@ -117,3 +125,5 @@ def test_switching_data_source_runs_the_pipeline_on_movielens(repo):
     assert backfill["items"] == 9_742
     ranker = json.loads((repo / "metrics" / "ranker.json").read_text())  # ratings >= 4 as clicks, no f_* features
     assert ranker["examples"]["eval"] > 500 and ranker["ne"]["all"] is not None
+    drift = json.loads((repo / "reports" / "drift" / "summary.json").read_text())  # the drift stage, no edits
+    assert drift["as_of"] == "2018-09-25" and drift["checks"]["feature_drift"]["note"].startswith("the data has no")

@@ -1,0 +1,1 @@
+"""The monitoring family: the drift stage, its checks and the on-call report."""
