@@ -8,8 +8,12 @@ of classifier but spends most of its time drawing a t-SNE plot; scikit-learn alo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from components.errors import DataError
 
@@ -23,15 +27,22 @@ def sample_ids(item_ids: pl.Series, n: int, seed: int) -> np.ndarray:
     return ids if len(ids) <= n else np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
 
 
-def read_vectors(path, ids: np.ndarray) -> np.ndarray:
-    """The embeddings (len(ids), D) of `ids`, in that order; every id must have one."""
-    found = (pl.scan_parquet(path).select("item_id", "vector").filter(pl.col("item_id").is_in(ids)).collect()
-             .sort("item_id"))
-    if found.height != len(ids):
-        missing = np.setdiff1d(ids, found["item_id"].to_numpy())[:5].tolist()
-        raise DataError(f"{path}: {len(ids) - found.height} item(s) shown in the drift windows have no embedding "
+def read_vectors(path: Path, ids: np.ndarray) -> np.ndarray:
+    """The embeddings (len(ids), D) of the sorted `ids`, in that order, read a row group at a time so memory stays
+    at one group whatever the item count; every id must have one."""
+    found_ids, vectors = [], []
+    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=65_536, columns=["item_id", "vector"]):
+        keep = np.isin(batch.column("item_id").to_numpy(), ids)
+        if keep.any():
+            part = pl.from_arrow(batch.filter(pa.array(keep)))
+            found_ids.append(part["item_id"].to_numpy())
+            vectors.append(part["vector"].to_numpy().astype(np.float32))
+    found = np.concatenate(found_ids) if found_ids else np.empty(0, dtype=np.int64)
+    if len(found) != len(ids):
+        missing = np.setdiff1d(ids, found)[:5].tolist()
+        raise DataError(f"{path}: {len(ids) - len(found)} item(s) shown in the drift windows have no embedding "
                         f"(e.g. item_id {missing}); run `semid embed`")
-    return found["vector"].to_numpy().astype(np.float32)
+    return np.concatenate(vectors)[np.argsort(found)]
 
 
 def domain_auc(reference: np.ndarray, new: np.ndarray, seed: int) -> float:
@@ -51,7 +62,7 @@ def domain_auc(reference: np.ndarray, new: np.ndarray, seed: int) -> float:
     return float(roc_auc_score(y, scores))
 
 
-def content_drift(embeddings, reference_items: pl.Series, new_items: pl.Series, sample: int,
+def content_drift(embeddings: Path, reference_items: pl.Series, new_items: pl.Series, sample: int,
                   seed: int) -> tuple[float | None, dict]:
     """The value and its details; `new_items` are the items first seen in the current window."""
     ref_ids, new_ids = sample_ids(reference_items, sample, seed), sample_ids(new_items, sample, seed + 1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from pathlib import Path
 
 import polars as pl
 
@@ -24,6 +25,7 @@ from components.monitoring.content import content_drift
 from components.monitoring.evidently_report import evidently_table, run_report, save_html
 from components.monitoring.page import churn_plot, movers_plot, render
 from components.monitoring.traffic import (
+    DriftWindows,
     churn_series,
     drift_windows,
     in_window,
@@ -39,7 +41,7 @@ from components.monitoring.traffic import (
 )
 from components.params import DriftParams
 from components.semid import rqvae
-from components.semid.store import open_store, read_store
+from components.semid.store import SemIdStore, open_store, read_store
 from components.storage import Layout, write_json, write_text
 from components.window import Window
 
@@ -53,40 +55,40 @@ class DriftFailed(SemidError):
     """`semid drift --fail-on ...` and the verdict reached it; the message names the failing checks."""
 
 
-def measure(p: DriftParams, layout: Layout, limits: dict[str, checks.Limits]) -> tuple[dict, dict]:
-    """Every check's value, status and details (the summary), plus what the page and the report draw."""
-    windows = drift_windows(p, layout.validated)
+def current_codebook(layout: Layout) -> tuple[str, Path, dict, SemIdStore]:
+    """The current codebook's version, checkpoint file and record, and its SemID store (another version's store
+    is refused: CodebookVersionMismatch)."""
     version, checkpoint = rqvae.read_current(layout.rqvae)
     _, ckpt = rqvae.load_checkpoint(checkpoint)
     if "quality" not in ckpt:
         raise DataError(f"{checkpoint}: the checkpoint has no quality record for codebook_fit (it predates the "
                         f"drift stage); re-run `semid train_rqvae`")
-    store = open_store(read_store(layout.semids), version)
-    traffic = load_traffic(layout.validated, windows, p.sample_rows, p.seed)
-    daily = with_prefixes(traffic.daily, store)
+    return version, checkpoint, ckpt, open_store(read_store(layout.semids), version)
 
-    found: dict[str, tuple[float | None, dict]] = {
+
+def measured(daily: pl.DataFrame, windows: DriftWindows, p: DriftParams, layout: Layout, ckpt: dict,
+             store: SemIdStore) -> dict[str, tuple[float | None, dict]]:
+    """Value and details of the seven checks computed outside Evidently."""
+    current_items = totals(daily, windows.current)["item_id"]
+    seen_before = in_window(daily, Window(windows.reference.start, windows.current.start))["item_id"].unique()
+    trained_as_of = dt.date.fromisoformat(ckpt["window"]["end"])
+    return {
         "raw_id_churn": raw_id_churn(daily, windows),
         "popularity_skew": popularity_skew(daily, windows),
         "label_drift": label_drift(daily, windows),
         "semid_coverage": semid_coverage(daily, windows),
+        "content_drift": content_drift(layout.embeddings, totals(daily, windows.reference)["item_id"],
+                                       current_items.filter(~current_items.is_in(seen_before.implode())),
+                                       p.embedding_sample, p.seed),
+        "codebook_fit": codebook_fit(current_items, store, ckpt["quality"], ckpt["config"]["codebook_size"]),
+        "codebook_age": (codebook_age(windows.current.end, trained_as_of),
+                         {"codebook_version": store.codebook_version, "trained_as_of": trained_as_of.isoformat()}),
     }
-    current_items = totals(daily, windows.current)["item_id"]
-    seen_before = in_window(daily, Window(windows.reference.start, windows.current.start))["item_id"].unique()
-    found["content_drift"] = content_drift(layout.embeddings, totals(daily, windows.reference)["item_id"],
-                                           current_items.filter(~current_items.is_in(seen_before.implode())),
-                                           p.embedding_sample, p.seed)
-    found["codebook_fit"] = codebook_fit(current_items, store, ckpt["quality"], ckpt["config"]["codebook_size"])
-    trained_as_of = dt.date.fromisoformat(ckpt["window"]["end"])
-    found["codebook_age"] = (codebook_age(windows.current.end, trained_as_of),
-                             {"codebook_version": version, "trained_as_of": trained_as_of.isoformat()})
 
-    keep = {key: shares(daily, windows, key).drop_nulls(key).sort("reference", descending=True)
-            .head(p.prefix_buckets)[key] for key in ("l1", "l2")}
-    tables = {w: evidently_table(items_shown(daily, getattr(windows, w)), traffic.samples[w], keep)
-              for w in ("reference", "current")}
-    snapshot, judged = run_report(tables["reference"], tables["current"], traffic.dense, limits)
 
+def judge(found: dict, judged: dict, limits: dict[str, checks.Limits]) -> dict[str, dict]:
+    """Every check's entry of summary.json: value, status (Evidently's tests for the two it judges), thresholds,
+    meaning, action, details and any note."""
     results = {}
     for check in checks.CHECKS:
         if check.name in judged:
@@ -97,14 +99,32 @@ def measure(p: DriftParams, layout: Layout, limits: dict[str, checks.Limits]) ->
         results[check.name] = {"value": None if value is None else round(value, 6), "status": status,
                                "warn": limits[check.name].warn, "alert": limits[check.name].alert,
                                "meaning": check.meaning, "action": check.action, "details": details}
-        note = details.get("note")
-        if note:
-            results[check.name]["note"] = note
-    notes = [f"the {w} window holds {traffic.impressions[w]:,} impressions, too few for stable figures: widen "
-             f"drift.{w}_days" for w in ("reference", "current") if traffic.impressions[w] < MIN_IMPRESSIONS]
+        if details.get("note"):
+            results[check.name]["note"] = details["note"]
+    return results
+
+
+def measure(p: DriftParams, layout: Layout, limits: dict[str, checks.Limits]) -> tuple[dict, dict]:
+    """Every check's value, status and details (the summary), plus what the page and the report draw."""
+    # load
+    windows = drift_windows(p, layout.validated)
+    version, checkpoint, ckpt, store = current_codebook(layout)
+    traffic = load_traffic(layout.validated, windows, p.sample_rows, p.seed)
+    daily = with_prefixes(traffic.daily, store)
+    # check
+    found = measured(daily, windows, p, layout, ckpt, store)
+    keep = {key: shares(daily, windows, key).drop_nulls(key).sort("reference", descending=True)
+            .head(p.prefix_buckets)[key] for key in ("l1", "l2")}
+    tables = {w: evidently_table(items_shown(daily, getattr(windows, w)), traffic.samples[w], keep)
+              for w in ("reference", "current")}
+    snapshot, judged = run_report(tables["reference"], tables["current"], traffic.dense, limits)
+    results = judge(found, judged, limits)
+    # summarise
     summary = {
         "verdict": checks.verdict([r["status"] for r in results.values()]),
-        "notes": notes,
+        "notes": [f"the {w} window holds {traffic.impressions[w]:,} impressions, too few for stable figures: "
+                  f"widen drift.{w}_days" for w in ("reference", "current")
+                  if traffic.impressions[w] < MIN_IMPRESSIONS],
         "as_of": windows.current.end.date().isoformat(),
         "windows": {w: {"start": f"{getattr(windows, w).start:%Y-%m-%d}", "end": f"{getattr(windows, w).end:%Y-%m-%d}",
                         "impressions": traffic.impressions[w]} for w in ("reference", "current")},
