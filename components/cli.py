@@ -22,6 +22,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 ParamsFile = Annotated[Path, typer.Option("--params", help="The params file to read (every knob, commented).")]
 
 
+def inputs(params: Path, section: str):
+    """A stage's own params section and the pipeline layout (the repository root is the working directory)."""
+    from components.params import load_params
+    from components.storage import Layout
+
+    return getattr(load_params(params), section), Layout()
+
+
 def stage(fn):
     """Turn a domain error into a one-line message on stderr and exit code 1 (no traceback)."""
     @functools.wraps(fn)
@@ -76,21 +84,17 @@ def import_movielens(
 def validate(params: ParamsFile = Path("params.yaml")) -> None:
     """Gate data/raw with Great Expectations; write data/validated only when it passes."""
     from components.data.validation import run_validate
-    from components.params import load_params
-    from components.storage import Layout
 
-    run_validate(load_params(params).validation, Layout())
+    run_validate(*inputs(params, "validation"))
 
 
 @app.command()
 @stage
 def embed(params: ParamsFile = Path("params.yaml")) -> None:
     """Embed validated items with the CU model (embed.encoder); a re-run encodes only new or edited texts."""
-    from components.params import load_params
     from components.semid.embedding import run_embed
-    from components.storage import Layout
 
-    run_embed(load_params(params).embed, Layout())
+    run_embed(*inputs(params, "embed"))
 
 
 @app.command("train_rqvae")
@@ -98,11 +102,9 @@ def embed(params: ParamsFile = Path("params.yaml")) -> None:
 def train_rqvae(params: ParamsFile = Path("params.yaml")) -> None:
     """Train the codebooks on the items active in the trailing window; promote the checkpoint only if the
     quality gates pass."""
-    from components.params import load_params
     from components.semid.train_rqvae import run_train_rqvae
-    from components.storage import Layout
 
-    run_train_rqvae(load_params(params).rqvae, Layout())
+    run_train_rqvae(*inputs(params, "rqvae"))
 
 
 @app.command()
@@ -117,15 +119,13 @@ def backfill(
                                "else AWS.")] = None,
 ) -> None:
     """SemIDs for every embedded item under the current codebook, into data/semids/semids.parquet."""
-    from components.params import load_params
     from components.semid.backfill import run_backfill
-    from components.storage import Layout
 
-    p = load_params(params).backfill
-    run_backfill(p, Layout())
+    p, layout = inputs(params, "backfill")
+    run_backfill(p, layout)
     if publish:
         from components.semid.publish import publish_current
-        publish_current(Layout(), publish, endpoint_url or p.s3_endpoint_url)
+        publish_current(layout, publish, endpoint_url or p.s3_endpoint_url)
 
 
 @app.command("train_ranker")
@@ -133,11 +133,9 @@ def backfill(
 def train_ranker(params: ParamsFile = Path("params.yaml")) -> None:
     """One time-ordered pass over ranker.train_days, NE by segment on the next ranker.eval_hours, and
     champion/challenger promotion (models/ranker/champion.json moves only if NE is not worse)."""
-    from components.params import load_params
     from components.ranker.train_ranker import run_train_ranker
-    from components.storage import Layout
 
-    run_train_ranker(load_params(params).ranker, Layout())
+    run_train_ranker(*inputs(params, "ranker"))
 
 
 @app.command()
@@ -151,10 +149,8 @@ def drift(
     """Compare the current window's item distribution with the reference window's (raw IDs, SemID prefixes,
     content, codebook, popularity, labels, features); write the on-call page reports/drift/summary.html."""
     from components.monitoring.drift import run_drift
-    from components.params import load_params
-    from components.storage import Layout
 
-    run_drift(load_params(params).drift, Layout(), fail_on)
+    run_drift(*inputs(params, "drift"), fail_on)
 
 
 # The spellings of release 0.1, kept for one release: `semid rqvae train` and `semid ranker train`.
