@@ -110,6 +110,10 @@ class Layout:
     def metrics(self) -> Path:
         return self.root / "metrics"
 
+    def record(self, stage: str) -> Path:
+        """reports/<stage>/record.json: everything behind a stage's metrics, strings and provenance included."""
+        return self.reports / stage / "record.json"
+
     @property
     def reports(self) -> Path:
         return self.root / "reports"
@@ -152,6 +156,38 @@ def write_parquet(data: pl.DataFrame | Iterable[pa.Table], path: Path, metadata:
 def write_json(obj: object, path: Path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+RECORD_ONLY = ("config", "window", "provenance", "gate")  # settings and versions behind the figures: record only
+
+
+def numbers_only(figures: dict) -> dict:
+    """The numeric leaves of `figures`, nesting kept: booleans as 0/1, a list of numbers keyed by position
+    ("1", "2", ...); strings, nulls, lists of records and the RECORD_ONLY sections left out."""
+    out = {}
+    for key, value in figures.items():
+        if key in RECORD_ONLY:
+            continue
+        if isinstance(value, dict):
+            value = numbers_only(value)
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            value = {str(i): v if not isinstance(v, bool) else int(v) for i, v in enumerate(value, 1)}
+        elif isinstance(value, bool):
+            value = int(value)
+        elif not isinstance(value, (int, float)):
+            continue
+        if value != {}:
+            out[key] = value
+    return out
+
+
+def write_metrics(figures: dict, path: Path, record: Path, timings: dict | None = None) -> None:
+    """A stage's figures in two files: `path` (metrics/<stage>.json) holds the numbers only, the table that
+    `dvc metrics show` and `dvc metrics diff` read, the same for the same inputs; `record`
+    (reports/<stage>/record.json) holds all of them, with the versions, config, windows, provenance and curves
+    that produced the numbers, and the run's `timings`, which differ from run to run."""
+    write_json({**figures, **(timings or {})}, record)
+    write_json(numbers_only(figures), path)
 
 
 def write_text(text: str, path: Path) -> None:

@@ -12,7 +12,7 @@ from components.errors import DataError, ParamsError
 from components.params import EmbedParams
 from components.semid import embedding
 from components.semid.embedding import VERSION_KEY, embed_texts, run_embed
-from components.storage import Layout
+from components.storage import Layout, numbers_only
 
 HASHING = EmbedParams(encoder="hashing-test")
 NOUNS = ("running shoes", "coffee grinder", "wireless headphones", "yoga mat", "frying pan", "face cream")
@@ -75,8 +75,9 @@ def test_hashing_test_round_trip_writes_the_contract(items200):
     assert out["content_hash"].str.len_chars().to_list() == [16] * 200
     assert pl.read_parquet_metadata(layout.embeddings)[VERSION_KEY] == embedding.HASHING_VERSION
 
-    on_disk = json.loads((layout.metrics / "embed.json").read_text())
+    on_disk = json.loads(layout.record("embed").read_text())
     assert on_disk == {k: v for k, v in metrics.items() if k != "seconds"}
+    assert json.loads((layout.metrics / "embed.json").read_text()) == numbers_only(on_disk)  # numbers only
     assert on_disk["encoder"] == "hashing-test" and on_disk["encoder_version"] == embedding.HASHING_VERSION
     assert (on_disk["dim"], on_disk["items"], on_disk["embedded"], on_disk["reused"]) == (384, 200, 200, 0)
     assert set(on_disk["provenance"]) == {"code_version", "data_version"}

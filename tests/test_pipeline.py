@@ -52,20 +52,22 @@ def test_dvc_repro_caches_and_reports_metrics(repo):
     first = run(["dvc", "repro"], repo)
     assert [line.split("'")[1] for line in first.stdout.splitlines() if line.startswith("Running stage")] == STAGES
     metrics = json.loads((repo / "metrics" / "validation.json").read_text())
-    assert metrics["success"] is True
+    assert metrics["success"] == 1
     assert (repo / "data" / "validated" / "items.parquet").exists()
     again = run(["dvc", "repro"], repo)
     assert "Data and pipelines are up to date" in again.stdout, again.stdout
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     (workspace,) = shown.values()
     figures = {path: entry["data"] for path, entry in workspace["data"].items()}
-    assert figures["metrics/validation.json"]["success"] is True
+    assert figures["metrics/validation.json"]["success"] == 1
     assert figures["metrics/validation.json"]["events"]["rows"] > 10_000
-    version = figures["metrics/rqvae.json"]["codebook_version"]
-    assert figures["metrics/backfill.json"]["codebook_version"] == version
+    record = {stage: json.loads((repo / "reports" / stage / "record.json").read_text())
+              for stage in ("embed", "rqvae", "backfill", "ranker")}  # versions and provenance live beside
+    version = record["rqvae"]["codebook_version"]
+    assert record["backfill"]["codebook_version"] == version
     assert figures["metrics/backfill.json"]["items"] == figures["metrics/embed.json"]["items"]
     ranker = figures["metrics/ranker.json"]
-    assert ranker["codebook_version"] == version and ranker["promotion"]["promoted"] is True
+    assert record["ranker"]["codebook_version"] == version and ranker["promotion"]["promoted"] == 1
     assert set(ranker["ne"]) == {"all", "head", "torso", "tail", "seen", "new"}
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     assert "reports/rqvae/utilization.csv" in plots and "reports/rqvae/cluster_sizes.csv" in plots
@@ -87,17 +89,57 @@ def test_dvc_exp_run_sets_params(repo):
     # A ranker setting changes only the ranker: `dvc exp show` tabulates NE by segment per experiment.
     rh = run(["dvc", "exp", "run", "-S", "ranker.item_ids=rh", "-S", "ranker.history.item_ids=rh", "-n", "rh"], repo)
     assert "Running stage 'train_ranker'" in rh.stdout and "Running stage 'embed'" not in rh.stdout
-    assert json.loads((repo / "metrics" / "ranker.json").read_text())["config"]["item_ids"] == "rh"
+    assert json.loads((repo / "reports" / "ranker" / "record.json").read_text())["config"]["item_ids"] == "rh"
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     header = shown.splitlines()[0].split(",")
     assert {f"ne.{s}" for s in ("all", "head", "torso", "tail", "seen", "new")} <= set(header)
     assert any(line.startswith("rh,") for line in shown.splitlines())
 
 
+def commit(repo: Path, message: str) -> None:
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)
+
+
+def test_dvc_the_way_its_users_expect(repo):
+    """Numbers-only metrics in git: `dvc exp run --temp` and the queue bring them back, the directions grid runs on
+    the queue and leaves params.yaml alone; every stage depends on the shared storage module."""
+    run(["dvc", "repro"], repo)
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    (workspace,) = shown.values()
+
+    def leaves(d):
+        for v in d.values():
+            yield from leaves(v) if isinstance(v, dict) else [v]
+    values = [v for entry in workspace["data"].values() for v in leaves(entry["data"])]
+    assert values and all(isinstance(v, (int, float)) for v in values)  # no config, window or provenance strings
+    commit(repo, "the pipeline's outputs")  # metrics/ and dvc.lock: a baseline for experiments
+
+    run(["dvc", "exp", "run", "--temp", "-S", "ranker.item_ids=rh", "-S", "ranker.history.item_ids=rh",
+         "-n", "temp-rh"], repo)
+    exps = {rev["name"]: rev["data"] for baseline in json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+            for exp in baseline.get("experiments") or [] for rev in exp["revs"]}
+    assert exps["temp-rh"]["metrics"]["metrics/ranker.json"]["data"]["ne"]["all"] > 0
+
+    params = (repo / "params.yaml").read_text()
+    out = repo / "reports" / "ranker" / "directions.md"
+    run([sys.executable, "-m", "components.ranker.directions", "--seeds", "0", "--experiments", "semid_prefix_ngram",
+         "rh", "--jobs", "2", "--out", str(out)], repo)
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["experiment"], r["seed"]) for r in results] == [("semid_prefix_ngram", 0), ("rh", 0)]
+    assert all(r["ne"]["all"] > 0 for r in results) and "| rh | 0 |" in out.read_text()
+    assert (repo / "params.yaml").read_text() == params  # queued runs happen in temporary copies
+
+    with (repo / "components" / "storage.py").open("a") as f:
+        f.write("\n# touched\n")
+    status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+    assert set(status) == set(STAGES)
+
+
 def test_prefect_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
     proc = run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], REPO)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == STAGES
-    assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] is True
+    assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] == 1
     verdict = json.loads((repo / "reports" / "drift" / "summary.json").read_text())["verdict"]
     artifact = run([sys.executable, "-m", "prefect", "artifact", "inspect", "drift-verdict"], REPO).stdout
     assert f"Drift verdict: {verdict}" in artifact and "semid_prefix_shift" in artifact
@@ -117,7 +159,7 @@ def test_switching_data_source_runs_the_pipeline_on_movielens(repo):
     # 9,742 movies cannot get distinct SemIDs from the fast test codebooks (K=16): only the path is tested here.
     run(["dvc", "exp", "run", "-S", "data.source=movielens", "-S", f"data.movielens_dir={sample}",
          "-S", "rqvae.max_collision_rate=1.0", "-S", "ranker.train_days=730", "-S", "ranker.eval_hours=720"], repo)
-    metrics = json.loads((repo / "metrics" / "validation.json").read_text())
+    metrics = json.loads((repo / "reports" / "validation" / "record.json").read_text())
     assert metrics["success"] is True
     assert metrics["items"]["rows"] == 9_742 and metrics["events"]["rows"] == 100_836
     assert metrics["window"] == {"start": "1996-03-29", "end": "2018-09-25"}

@@ -1,11 +1,11 @@
-"""Unit tests of components/ranker/directions.py: the report on fabricated results, the experiment loop with
-a fake runner (no dvc process)."""
+"""Unit tests of components/ranker/directions.py: the report on fabricated results, the experiment queue with a
+fake runner (no dvc process)."""
 import json
 import subprocess
 
 import pytest
 
-from components.errors import DataError
+from components.errors import DataError, SemidError
 from components.ranker.directions import (
     EXPERIMENTS,
     directions_table,
@@ -14,7 +14,6 @@ from components.ranker.directions import (
     read_results,
     run_experiments,
 )
-from components.storage import Layout
 
 SEEDS = (0, 1, 2)
 SPREAD = (-0.001, 0.0, 0.001)  # seed s gets value + SPREAD[s]: mean = value, min..max = value -+ 0.001
@@ -59,68 +58,85 @@ def test_every_experiment_sets_the_same_keys_and_history_follows_the_item_ids():
 
 def test_experiment_command():
     assert experiment_command("semid_trigram", 2) == [
-        "dvc", "exp", "run", "-S", "ranker.item_ids=semid", "-S", "ranker.history.item_ids=semid",
+        "dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=semid", "-S", "ranker.history.item_ids=semid",
         "-S", "ranker.parameterization=trigram", "-S", "ranker.seed=2", "--name", "semid_trigram-s2"]
 
 
+def nested(flat: dict[str, str]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = int(value) if value.isdigit() else value
+    return out
+
+
 class FakeDvc:
-    """Stands in for subprocess.run: records each command and writes the metrics the run would leave."""
+    """Stands in for subprocess.run: records each command; `dvc queue status` shows every queued run Running on
+    the first poll and Success (Failed for names in `fail`) after; `dvc exp show --json` gives each run's params
+    (as queued, or `params` instead) and metrics."""
 
-    def __init__(self, write=True):
-        self.calls, self.write = [], write
+    def __init__(self, fail=(), params=None, shown=True):
+        self.calls, self.queued, self.polls = [], [], 0
+        self.fail, self.params, self.shown = set(fail), params, shown
 
-    def __call__(self, cmd, check):
+    def __call__(self, cmd, check, capture_output=False, text=False):
         assert check is True
         self.calls.append(cmd)
-        params = dict(cmd[i + 1].split("=", 1) for i, arg in enumerate(cmd) if arg == "-S")
-        if self.write:
-            config = {"item_ids": params["ranker.item_ids"], "parameterization": params["ranker.parameterization"],
-                      "history": {"item_ids": params["ranker.history.item_ids"]}, "seed": int(params["ranker.seed"])}
-            metrics = {"ne": {"all": 0.9 + len(self.calls) / 1000}, "aar": None, "config": config}
-            Layout().metrics.mkdir(exist_ok=True)
-            (Layout().metrics / "ranker.json").write_text(json.dumps(metrics))
+        stdout = ""
+        if cmd[:4] == ["dvc", "exp", "run", "--queue"]:
+            self.queued.append((cmd[-1], dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "-S")))
+        elif cmd[:3] == ["dvc", "queue", "status"]:
+            self.polls += 1
+            rows = [f"{i:07x}  {name}  04:48 AM  "
+                    f"{'Running' if self.polls == 1 else 'Failed' if name in self.fail else 'Success'}"
+                    for i, (name, _) in enumerate(self.queued)]
+            stdout = "Task     Name     Created    Status\n" + "\n".join(rows) + "\n\nWorker status: 0 active\n"
+        elif cmd[:4] == ["dvc", "exp", "show", "--json"]:
+            revs = [{"name": name, "rev": f"{i:040x}", "data": {
+                "params": {"params.yaml": {"data": nested(self.params or params)}},
+                "metrics": {"metrics/ranker.json": {"data": {"ne": {"all": 0.9 + (i + 1) / 1000}}}}}}
+                for i, (name, params) in enumerate(self.queued) if self.shown]
+            stdout = json.dumps([{"rev": "workspace", "experiments": None},
+                                 {"rev": "0" * 40, "name": "main", "experiments": [{"revs": [r]} for r in revs]}])
+        return subprocess.CompletedProcess(cmd, 0, stdout=stdout)
 
 
-def test_run_experiments_runs_dvc_and_reads_each_runs_metrics(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    fake, seen = FakeDvc(), []
-    results = run_experiments(["semid_prefix_ngram", "rh"], [0, 1], runner=fake,
-                              on_result=lambda rs: seen.append(len(rs)))
-    assert fake.calls == [
-        ["dvc", "exp", "run", "-S", "ranker.item_ids=semid", "-S", "ranker.history.item_ids=semid",
-         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=0", "--name", "semid_prefix_ngram-s0"],
-        ["dvc", "exp", "run", "-S", "ranker.item_ids=rh", "-S", "ranker.history.item_ids=rh",
-         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=0", "--name", "rh-s0"],
-        ["dvc", "exp", "run", "-S", "ranker.item_ids=semid", "-S", "ranker.history.item_ids=semid",
-         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=1", "--name", "semid_prefix_ngram-s1"],
-        ["dvc", "exp", "run", "-S", "ranker.item_ids=rh", "-S", "ranker.history.item_ids=rh",
-         "-S", "ranker.parameterization=prefix_ngram", "-S", "ranker.seed=1", "--name", "rh-s1"],
-    ]
+def test_run_experiments_queues_them_runs_the_queue_and_reads_exp_show():
+    fake, sleeps = FakeDvc(), []
+    results = run_experiments(["semid_prefix_ngram", "rh"], [0, 1], jobs=2, runner=fake, sleep=sleeps.append)
+    assert [c[-1] for c in fake.calls[:4]] == ["semid_prefix_ngram-s0", "rh-s0", "semid_prefix_ngram-s1", "rh-s1"]
+    assert fake.calls[1] == ["dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=rh", "-S",
+                             "ranker.history.item_ids=rh", "-S", "ranker.parameterization=prefix_ngram", "-S",
+                             "ranker.seed=0", "--name", "rh-s0"]
+    assert fake.calls[4:] == [["dvc", "queue", "start", "-j", "2"], ["dvc", "queue", "status"],
+                              ["dvc", "queue", "status"], ["dvc", "exp", "show", "--json"]]
+    assert len(sleeps) == 1  # one poll found them running
     assert [(r["experiment"], r["seed"], r["ne"]["all"]) for r in results] == [
         ("semid_prefix_ngram", 0, 0.901), ("rh", 0, 0.902), ("semid_prefix_ngram", 1, 0.903), ("rh", 1, 0.904)]
-    assert results[1]["config"]["item_ids"] == "rh" and results[1]["aar"] is None
-    assert seen == [1, 2, 3, 4]
 
 
-def test_run_experiments_rejects_metrics_a_run_did_not_write(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    fake = FakeDvc()
-    run_experiments(["semid_prefix_ngram"], [0], runner=fake)  # leaves a semid metrics file behind
-    fake.write = False
-    with pytest.raises(DataError, match=r"config.item_ids is 'semid' after experiment rh-s0, expected 'rh'"):
-        run_experiments(["rh"], [0], runner=fake)
+def test_a_failed_experiment_is_named():
+    with pytest.raises(SemidError, match=r"experiment\(s\) \['rh-s0'\] failed; see `dvc queue logs NAME`"):
+        run_experiments(["semid_prefix_ngram", "rh"], [0], runner=FakeDvc(fail={"rh-s0"}), sleep=lambda s: None)
 
 
-def test_run_experiments_without_a_metrics_file(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"ranker.json: not found after experiment ie-s3"):
-        run_experiments(["ie"], [3], runner=FakeDvc(write=False))
+def test_params_the_run_did_not_apply_are_refused():
+    wrong = {"ranker.item_ids": "semid", "ranker.history.item_ids": "rh", "ranker.parameterization": "prefix_ngram",
+             "ranker.seed": "0"}
+    with pytest.raises(DataError, match=r"experiment rh-s0: params.yaml has ranker.item_ids = 'semid', expected 'rh'"):
+        run_experiments(["rh"], [0], runner=FakeDvc(params=wrong), sleep=lambda s: None)
 
 
-def test_run_experiments_stops_at_a_failed_run(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_an_experiment_missing_from_exp_show_is_refused():
+    with pytest.raises(DataError, match="`dvc exp show` has no experiment ie-s3"):
+        run_experiments(["ie"], [3], runner=FakeDvc(shown=False), sleep=lambda s: None)
 
-    def failing(cmd, check):
+
+def test_run_experiments_stops_at_a_failed_command():
+    def failing(cmd, check, **kwargs):
         raise subprocess.CalledProcessError(1, cmd)
 
     with pytest.raises(subprocess.CalledProcessError):

@@ -90,7 +90,7 @@ def test_full_backfill_writes_the_store_contract_and_metrics(world, checkpoints)
     assert metrics["collision_rate"] == pytest.approx((500 - semids) / 500)
     assert metrics["max_items_per_semid"] == store.group_by("c1", "c2", "c3").len()["len"].max()
     assert set(metrics["provenance"]) == {"code_version", "data_version"}
-    saved = json.loads((layout.metrics / "backfill.json").read_text())
+    saved = json.loads(layout.record("backfill").read_text())
     assert saved == {k: v for k, v in metrics.items() if k != "seconds"}  # timings stay out of the file
 
 

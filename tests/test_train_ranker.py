@@ -59,8 +59,9 @@ def test_metrics_hold_ne_by_segment_drift_and_aar(world):
     assert "attention" not in m  # bypass has none
     assert m["promotion"]["promoted"] and m["promotion"]["reason"] == "no champion yet"
     assert m["config"]["item_ids"] == "semid" and m["codebook_version"] == read_store(world.semids).codebook_version
-    saved = json.loads((world.metrics / "ranker.json").read_text())
-    assert saved["model_version"] == m["model_version"]
+    saved = json.loads(world.record("ranker").read_text())
+    assert saved["model_version"] == m["model_version"] and saved["throughput"] == m["throughput"]
+    assert "throughput" not in json.loads((world.metrics / "ranker.json").read_text())  # timings: record only
     assert (world.reports / "ranker" / "ne_by_segment.csv").read_text().startswith("segment,ne\nall,")
     pointer = json.loads((world.root / "models" / "ranker" / "champion.json").read_text())
     assert pointer["model_version"] == m["model_version"]

@@ -55,7 +55,7 @@ def test_training_promotes_a_checkpoint_and_reports_quality(world):
     version, path = rqvae.read_current(world.rqvae)
     assert version == metrics["codebook_version"]
     assert torch.load(path, weights_only=True)["codebook_version"] == version
-    assert json.loads((world.metrics / "rqvae.json").read_text())["codebook_version"] == version
+    assert json.loads(world.record("rqvae").read_text())["codebook_version"] == version
     assert (world.reports / "rqvae" / "utilization.csv").read_text().startswith("level,utilization\n1,")
 
 
@@ -78,7 +78,7 @@ def test_failing_gate_keeps_the_previous_checkpoint_current(world):
         run_train_rqvae(dataclasses.replace(FAST, seed=3, max_collision_rate=0.0), world)
     assert (world.rqvae / "current.json").read_bytes() == pointer
     assert sorted(world.rqvae.iterdir()) == files
-    failed = json.loads((world.metrics / "rqvae.json").read_text())
+    failed = json.loads(world.record("rqvae").read_text())
     assert failed["promoted"] is False and failed["codebook_version"] != good["codebook_version"]
 
 

@@ -58,7 +58,7 @@ def rejects(tmp_path, validated_once):
         with pytest.raises(error) as raised:
             run_validate(params, layout)
         assert snapshot(layout) == before
-        metrics = json.loads((layout.metrics / "validation.json").read_text())
+        metrics = json.loads(layout.record("validation").read_text())
         assert metrics["success"] is False and metrics["failures"]
         return str(raised.value)
     return run
@@ -74,7 +74,7 @@ def with_items(items: pl.DataFrame) -> Callable[[Layout], None]:
 
 def test_valid_dataset_passes_and_copies_every_file(validated_once):
     layout = validated_once
-    metrics = json.loads((layout.metrics / "validation.json").read_text())
+    metrics = json.loads(layout.record("validation").read_text())
 
     assert metrics["success"] and metrics["window"] == {"start": "2026-01-01", "end": "2026-01-04"}
     for table, rows, evaluated in [("items", ITEMS, 6), ("events", EVENTS, 14)]:

@@ -46,7 +46,7 @@ from components import provenance  # noqa: E402
 from components.data import contracts  # noqa: E402
 from components.errors import DataError, ParamsError, SemidError, ValidationFailed  # noqa: E402
 from components.params import ValidationParams  # noqa: E402
-from components.storage import DataDir, Layout, staged_dir, write_json, write_parquet, write_text  # noqa: E402
+from components.storage import DataDir, Layout, staged_dir, write_metrics, write_parquet, write_text  # noqa: E402
 from components.window import Window  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -526,7 +526,7 @@ def _publish(layout: Layout, params: ValidationParams, window: Window | None, ta
         "quarantined": failures if passed else [],
         "provenance": version,
     }
-    write_json(metrics, layout.metrics / "validation.json")
+    write_metrics(metrics, layout.metrics / "validation.json", layout.record("validation"))
     write_text(render_report(metrics, tallies), layout.reports / "validation" / "report.md")
     # Timings go to the caller (benchmarks/validate.py), not to the file: same inputs, same metrics bytes.
     return {**metrics, "seconds": {phase: round(s, 3) for phase, s in clock.seconds.items()}}

@@ -1,19 +1,21 @@
 """The "paper directions" report: do PAPER.md's qualitative findings hold on our data?
 
-Runs a fixed set of ranker experiments with `dvc exp run -S ...` (several seeds each), reads the
-metrics/ranker.json each leaves in the workspace, and writes a short markdown table that checks:
+Queues a fixed set of ranker experiments with `dvc exp run --queue -S ...` (several seeds each), runs the queue
+with `dvc queue start -j N`, reads each experiment's params and metrics/ranker.json from `dvc exp show --json`,
+and writes a short markdown table that checks:
 
     (a) SemID prefix-ngram beats RH and IE on new items (lower NE)
     (b) SemID prefix-ngram beats RH on tail items
     (c) prefix-ngram beats trigram and all-bigrams (NE on all items)
     (d) SemID has a lower A/A ratio (AAR) than RH
 
-    python -m components.ranker.directions [--seeds 0 1 2] [--out reports/ranker/directions.md]
+    python -m components.ranker.directions [--seeds 0 1 2] [--jobs 2] [--out reports/ranker/directions.md]
     python -m components.ranker.directions --from-json reports/ranker/directions.json   # table only
 
-Experiments run one after another in the workspace: each derives from the workspace the previous one
-left, so every experiment sets all the keys any of them changes. DVC names experiments per baseline
-commit: to run the set again on the same commit, `dvc exp remove` the earlier ones first.
+Queued experiments run in temporary copies of the last commit, so the workspace and params.yaml stay as they
+are; the metrics come back because metrics/ is tracked by git. Every experiment sets all the keys any of them
+changes. DVC names experiments per baseline commit: to run the set again on the same commit, `dvc exp remove`
+the earlier ones first.
 """
 from __future__ import annotations
 
@@ -24,10 +26,12 @@ import logging
 import math
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress
 
 from components.errors import DataError, SemidError
 from components.ranker.metrics import SEGMENTS
@@ -55,59 +59,74 @@ EXPERIMENTS: dict[str, dict[str, str]] = {
 # --- running the experiments ---
 
 def experiment_command(name: str, seed: int) -> list[str]:
-    """The `dvc exp run` command line of one experiment and seed."""
-    cmd = ["dvc", "exp", "run"]
+    """The `dvc exp run --queue` command line of one experiment and seed."""
+    cmd = ["dvc", "exp", "run", "--queue"]
     for key, value in {**EXPERIMENTS[name], "ranker.seed": str(seed)}.items():
         cmd += ["-S", f"{key}={value}"]
     return cmd + ["--name", f"{name}-s{seed}"]
 
 
-def read_ranker_metrics(path: Path, name: str, seed: int) -> dict:
-    """metrics/ranker.json as the run of (name, seed) left it; its config must match the overrides."""
-    run = f"experiment {name}-s{seed}"
-    try:
-        metrics = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found after {run} (expected the train_ranker stage to write it)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable after {run} (expected a JSON object): {exc}") from None
-    if not isinstance(metrics, dict):
-        raise DataError(f"{path}: expected a JSON object after {run}, found {type(metrics).__name__}")
-    config = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
-    for key, value in {**EXPERIMENTS[name], "ranker.seed": str(seed)}.items():
-        found = _lookup(config, key.removeprefix("ranker.").split("."))
-        if found is not None and str(found) != value:
-            raise DataError(f"{path}: config.{key.removeprefix('ranker.')} is {found!r} after {run}, expected "
-                            f"{value!r} (a stale metrics file, or params not applied?)")
-    return metrics
+def queue_status(runner: Callable) -> dict[str, str]:
+    """Experiment name -> Queued | Running | Success | Failed, from `dvc queue status` (it has no JSON)."""
+    out = runner(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
+    status = {}
+    for row in out.splitlines()[1:]:  # Task  Name  Created  Status
+        fields = row.split()
+        if len(fields) >= 4 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
+            status[fields[1]] = fields[-1]
+    return status
 
 
-def run_experiments(names: Sequence[str], seeds: Sequence[int], runner: Callable = subprocess.run,
-                    on_result: Callable[[list[dict]], None] | None = None,
-                    layout: Layout = Layout()) -> list[dict]:
-    """Run every experiment of `names` with every seed (all experiments of one seed, then the next seed),
-    each with `dvc exp run` in the current directory; collect {"experiment", "seed", **metrics}.
+def collect(shown: list, runs: list[tuple[str, int]]) -> list[dict]:
+    """{"experiment", "seed", **metrics/ranker.json} of each run, from `dvc exp show --json`; the run's params
+    must carry its overrides."""
+    revs = {rev["name"]: rev for baseline in shown for exp in baseline.get("experiments") or []
+            for rev in exp["revs"]}
+    results = []
+    for name, seed in runs:
+        run = f"{name}-s{seed}"
+        if run not in revs or not revs[run].get("data"):
+            raise DataError(f"`dvc exp show` has no experiment {run} (expected the queue to have run it)")
+        data = revs[run]["data"]
+        params = _lookup(data, ("params", "params.yaml", "data")) or {}
+        for key, value in {**EXPERIMENTS[name], "ranker.seed": str(seed)}.items():
+            found = _lookup(params, key.split("."))
+            if str(found) != value:
+                raise DataError(f"experiment {run}: params.yaml has {key} = {found!r}, expected {value!r}")
+        metrics = _lookup(data, ("metrics", "metrics/ranker.json", "data"))
+        if not isinstance(metrics, dict):
+            raise DataError(f"experiment {run}: no metrics/ranker.json (is metrics/ tracked by git?)")
+        results.append({"experiment": name, "seed": seed, **metrics})
+    return results
 
-    on_result(results so far) is called after each run, so an interrupted session keeps what it ran.
-    """
+
+def run_experiments(names: Sequence[str], seeds: Sequence[int], jobs: int = 2, runner: Callable = subprocess.run,
+                    poll_seconds: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> list[dict]:
+    """Queue every experiment of `names` with every seed (all experiments of one seed, then the next seed),
+    run the queue with `jobs` workers, wait until it is done, and collect {"experiment", "seed", **metrics}."""
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(EXPERIMENTS)}")
-    console = Console(stderr=True)
     runs = [(name, seed) for seed in seeds for name in names]
-    results = []
-    for i, (name, seed) in enumerate(runs, 1):
-        cmd = experiment_command(name, seed)
-        # A rule, not a live bar: dvc and the stage print their own output (and bars) to the same terminal.
-        console.rule(f"[bold]experiment {i}/{len(runs)}: {name}-s{seed}")
-        log.info("running %s", " ".join(cmd))
-        runner(cmd, check=True)
-        metrics = read_ranker_metrics(layout.metrics / "ranker.json", name, seed)
-        results.append({"experiment": name, "seed": seed,
-                        **{k: v for k, v in metrics.items() if k not in ("experiment", "seed")}})
-        if on_result is not None:
-            on_result(results)
-    return results
+    for name, seed in runs:
+        log.info("queueing %s-s%s", name, seed)
+        runner(experiment_command(name, seed), check=True)
+    runner(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+    wanted = {f"{name}-s{seed}" for name, seed in runs}
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task(f"{len(runs)} experiments, {jobs} at a time", total=len(runs))
+        while True:
+            status = queue_status(runner)
+            done = [run for run in wanted if status.get(run) in ("Success", "Failed")]
+            progress.update(task, completed=len(done))
+            if len(done) == len(wanted):
+                break
+            sleep(poll_seconds)
+    failed = sorted(run for run in wanted if status.get(run) != "Success")
+    if failed:
+        raise SemidError(f"experiment(s) {failed} failed; see `dvc queue logs NAME`")
+    shown = runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+    return collect(json.loads(shown), runs)
 
 
 # --- the report ---
@@ -269,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="ranker.seed values; each experiment runs once per seed (default: 0 1 2)")
+    parser.add_argument("--jobs", type=int, default=2, help="experiments run at a time (dvc queue start -j)")
     parser.add_argument("--experiments", nargs="+", choices=list(EXPERIMENTS), default=list(EXPERIMENTS),
                         metavar="NAME", help=f"which experiments to run (default: all of {', '.join(EXPERIMENTS)})")
     parser.add_argument("--out", type=Path, default=Layout().reports / "ranker" / "directions.md",
@@ -282,15 +302,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.from_json is not None:
             results = read_results(args.from_json)
         else:
-            results = run_experiments(args.experiments, args.seeds, on_result=lambda rs: write_json(rs, raw))
+            results = run_experiments(args.experiments, args.seeds, jobs=args.jobs)
         write_json(results, raw)
         write_text(directions_table(results), args.out)
     except SemidError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except subprocess.CalledProcessError as exc:
-        kept = f"; the runs before it are in {raw}" if raw.exists() else ""
-        print(f"error: `{' '.join(map(str, exc.cmd))}` exited with {exc.returncode}{kept}", file=sys.stderr)
+        print(f"error: `{' '.join(map(str, exc.cmd))}` exited with {exc.returncode}", file=sys.stderr)
         sys.exit(1)
     log.info("wrote %s and %s", args.out, raw)
 

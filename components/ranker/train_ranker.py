@@ -35,7 +35,7 @@ from components.ranker.parameterization import row_indices
 from components.ranker.promotion import promote, save_ranker
 from components.semid import rqvae
 from components.semid.store import SemIdStore, open_store, read_store
-from components.storage import Layout, write_json, write_text
+from components.storage import Layout, write_metrics, write_text
 
 log = logging.getLogger(__name__)
 
@@ -173,15 +173,16 @@ def run_train_ranker(p: RankerParams, layout: Layout) -> dict:
     metrics = {
         "model_version": version, "codebook_version": codebook_version, **metrics,
         "promotion": decision,
-        "throughput": {"train_examples_per_s": training["examples_per_s"],
-                       "pipeline_examples_per_s": round((len(train) + len(evaluation)) / pipeline_s),
-                       "device": device.type},
         "examples": {"train": len(train), "eval": len(evaluation),
                      "missing_semid": missing},
         "window": window_json, "config": params, "provenance": prov,
         "loss_curve": training["loss_curve"],
     }
-    write_json(metrics, layout.metrics / "ranker.json")
+    timings = {"throughput": {"train_examples_per_s": training["examples_per_s"],
+                              "pipeline_examples_per_s": round((len(train) + len(evaluation)) / pipeline_s),
+                              "device": device.type}}
+    write_metrics(metrics, layout.metrics / "ranker.json", layout.record("ranker"), timings)
+    metrics.update(timings)
     write_text("segment,ne\n" + "".join(f"{name},{ne}\n" for name, ne in metrics["ne"].items() if ne is not None),
                layout.reports / "ranker" / "ne_by_segment.csv")
     return metrics

@@ -29,7 +29,7 @@ from components.errors import DataError
 from components.params import BackfillParams
 from components.semid import rqvae
 from components.semid.store import code_columns, code_dtype, store_schema
-from components.storage import Layout, write_json, write_parquet
+from components.storage import Layout, write_metrics, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def run_backfill(params: BackfillParams, layout: Layout) -> dict:
         **counts,
         "provenance": prov,
     }
-    write_json(metrics, layout.metrics / "backfill.json")
+    write_metrics(metrics, layout.metrics / "backfill.json", layout.record("backfill"))
     seconds = time.perf_counter() - started
     log.info("semids: %s items under %s (%s encoded, %s reused) in %.1f s", f"{total:,}", version,
              f"{encoded:,}", f"{total - encoded:,}", seconds)

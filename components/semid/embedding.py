@@ -27,7 +27,7 @@ from components import provenance
 from components.data import contracts
 from components.errors import DataError, ParamsError
 from components.params import EmbedParams
-from components.storage import Layout, write_json, write_parquet
+from components.storage import Layout, write_metrics, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def run_embed(params: EmbedParams, layout: Layout) -> dict:
         "provenance": {"code_version": provenance.code_version(),
                        "data_version": provenance.data_version(sources)},
     }
-    write_json(metrics, layout.metrics / "embed.json")
+    write_metrics(metrics, layout.metrics / "embed.json", layout.record("embed"))
     done = time.perf_counter()
     log.info("embedded %s items with %s (%s encoded, %s reused) in %.1f s", f"{len(frame):,}", version,
              f"{embedded:,}", f"{len(frame) - embedded:,}", done - started)

@@ -27,7 +27,7 @@ from components import provenance
 from components.errors import DataError, SemidError
 from components.params import RQVAEParams
 from components.semid import rqvae
-from components.storage import Layout, write_json, write_text
+from components.storage import Layout, write_metrics, write_text
 from components.window import Window, data_span
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout) -> dict:
                                             "collision_rate": quality["collision_rate"]}})
         rqvae.write_current(layout.rqvae, version)
         log.info("codebook %s is current (%s)", version, path)
-    write_json(metrics, layout.metrics / "rqvae.json")
+    write_metrics(metrics, layout.metrics / "rqvae.json", layout.record("rqvae"))
     write_text("level,utilization\n" + "".join(f"{l + 1},{u}\n" for l, u in enumerate(quality["utilization"])),
                layout.reports / "rqvae" / "utilization.csv")
     write_text("items_per_semid,semids\n" + "".join(f"{k},{n}\n" for k, n in enumerate(quality["cluster_sizes"])
