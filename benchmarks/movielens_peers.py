@@ -101,7 +101,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['train_s']:.1f} | {r['items_per_s']:,.0f} | {r['util']} | "
               f"{r['collision']:.2%} | {r['max_per_id']} | {r['purity']:.3f} |")
-    print("\nGoals (docs/design-notes.md): utilization >= 0.95 at every level, collision < 1.08% (best peer), purity at least "
+    print("\nGoals (docs/design-notes.md): utilization >= 0.95 at every level, collision < 1.08% (best peer), "
+          "purity at least "
           "the peers', assignment at least faiss beam 1's items/s.")
 
 

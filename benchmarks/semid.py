@@ -9,7 +9,7 @@ items by default) with L=3 levels of K=256 codes; the ones with a latent space u
 - ours, rqvae      rqvae.train(RQVAEParams()), then model.assign (normalise, MLP encoder 384->256->32, RQ)
 - ours, rqkmeans   residual k-means on the normalised 384-d input (no autoencoder)
 - faiss PCA32+RQ   faiss.PCAMatrix(384, 32) + faiss.ResidualQuantizer(32, 3, 8), beam 1: the same latent size
-- faiss RQ 384-d   faiss.ResidualQuantizer(384, 3, 8) on the raw input, beam 1 (what docs/design-notes.md's peers measured)
+- faiss RQ 384-d   faiss.ResidualQuantizer(384, 3, 8) on the raw input, beam 1 (as docs/design-notes.md's peers)
 
 Figures per method: collision rate, utilization per level, most items on one SemID, train seconds, and
 assignment items/s over all N (best of 2 passes after a warm-up; torch and faiss on the same thread count).

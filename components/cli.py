@@ -70,7 +70,8 @@ def generate(params: ParamsFile = Path("params.yaml")) -> None:
 @app.command("import_movielens")
 @stage
 def import_movielens(
-    directory: Annotated[Path, typer.Argument(help="A MovieLens release: ml-latest(-small), ml-25m, ml-1m or ml-100k.")],
+    directory: Annotated[Path, typer.Argument(
+        help="A MovieLens release: ml-latest(-small), ml-25m, ml-1m or ml-100k.")],
 ) -> None:
     """Convert a MovieLens release into data/raw (one event per rating, clicked = rating >= 4)."""
     from components.data.movielens import run_import

@@ -212,11 +212,10 @@ def test_ranker_window_defaults_to_the_end_of_the_data(ten_days):
     (ten_days.partition(dt.date(2025, 12, 1)) / "part-0.parquet").unlink()
     (ten_days.partition(dt.date(2025, 12, 1))).rmdir()
     p = RankerParams(train_days=4, eval_hours=24)
-    assert ranker_window(p, ten_days) == (Window(dt.datetime(2026, 1, 6, tzinfo=UTC), dt.datetime(2026, 1, 10, tzinfo=UTC)),
-                                          Window(dt.datetime(2026, 1, 10, tzinfo=UTC), dt.datetime(2026, 1, 11, tzinfo=UTC)))
+    day = lambda d, h=0: dt.datetime(2026, 1, d, h, tzinfo=UTC)  # noqa: E731
+    assert ranker_window(p, ten_days) == (Window(day(6), day(10)), Window(day(10), day(11)))
     p = RankerParams(train_end=dt.date(2026, 1, 5), train_days=4, eval_hours=6)
-    assert ranker_window(p, ten_days) == (Window(dt.datetime(2026, 1, 1, tzinfo=UTC), dt.datetime(2026, 1, 5, tzinfo=UTC)),
-                                          Window(dt.datetime(2026, 1, 5, tzinfo=UTC), dt.datetime(2026, 1, 5, 6, tzinfo=UTC)))
+    assert ranker_window(p, ten_days) == (Window(day(1), day(5)), Window(day(5), day(5, 6)))
 
 
 @pytest.mark.parametrize("p, error, names", [

@@ -113,7 +113,7 @@ def measure(p: DriftParams, layout: Layout, limits: dict[str, checks.Limits]) ->
     daily = with_prefixes(traffic.daily, store)
     # check
     found = measured(daily, windows, p, layout, ckpt, store)
-    keep = {key: shares(daily, windows, key).drop_nulls(key).sort("reference", descending=True)
+    keep = {key: shares(daily, windows, key).drop_nulls(key).sort(["reference", key], descending=[True, False])
             .head(p.prefix_buckets)[key] for key in ("l1", "l2")}
     tables = {w: evidently_table(items_shown(daily, getattr(windows, w)), traffic.samples[w], keep)
               for w in ("reference", "current")}

@@ -56,12 +56,13 @@ def movers_plot(prefix_shares: pl.DataFrame, label: int = 6) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shares = prefix_shares.drop_nulls("l1").with_columns(move=(pl.col("current") - pl.col("reference")).abs())
+    shares = (prefix_shares.drop_nulls("l1").sort("l1")
+              .with_columns(move=(pl.col("current") - pl.col("reference")).abs()))
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.scatter(shares["reference"], shares["current"], s=12, color="#1a5fb4", alpha=0.6)
     top = max(shares["reference"].max() or 0, shares["current"].max() or 0) * 1.05 or 1
     ax.plot([0, top], [0, top], color="#999999", linewidth=1, label="no change")
-    for row in shares.sort("move", descending=True).head(label).iter_rows(named=True):
+    for row in shares.sort(["move", "l1"], descending=[True, False]).head(label).iter_rows(named=True):
         ax.annotate(f"c1={row['l1']}", (row["reference"], row["current"]), fontsize=8, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xlabel("share of the reference's items shown")

@@ -192,7 +192,7 @@ def label_drift(daily: pl.DataFrame, windows: DriftWindows, top: int = 10) -> tu
     ref, cur = (totals(daily, getattr(windows, w), "l1") for w in ("reference", "current"))
     ctr = lambda f: f["clicks"].sum() / f["impressions"].sum()  # noqa: E731
     by_prefix = (cur.join(ref, on="l1", how="left", suffix="_ref").drop_nulls("l1")
-                 .sort("impressions", descending=True).head(top)
+                 .sort(["impressions", "l1"], descending=[True, False]).head(top)
                  .select(prefix="l1", impressions="impressions", ctr_current=pl.col("clicks") / pl.col("impressions"),
                          ctr_reference=pl.col("clicks_ref") / pl.col("impressions_ref")))
     details = {"ctr_reference": round(float(ctr(ref)), 6), "ctr_current": round(float(ctr(cur)), 6),
