@@ -98,14 +98,18 @@ def embed(params: ParamsFile = Path("params.yaml")) -> None:
     run_embed(*inputs(params, "embed"))
 
 
+Force = Annotated[bool, typer.Option("--force", help="Train a new codebook now, whatever the refresh cadence.")]
+
+
 @app.command("train_rqvae")
 @stage
-def train_rqvae(params: ParamsFile = Path("params.yaml")) -> None:
-    """Train the codebooks on the items active in the trailing window; promote the checkpoint only if the
-    quality gates pass."""
+def train_rqvae(params: ParamsFile = Path("params.yaml"), force: Force = False) -> None:
+    """Train new codebooks on the items active in the trailing window when a refresh is due (the first run, a
+    quarterly boundary, changed params, --force, rqvae.refresh_on_drift), else keep the current ones; a new
+    checkpoint is promoted only if the quality gates pass."""
     from components.semid.train_rqvae import run_train_rqvae
 
-    run_train_rqvae(*inputs(params, "rqvae"))
+    run_train_rqvae(*inputs(params, "rqvae"), force=force)
 
 
 @app.command()
@@ -167,9 +171,9 @@ def deprecated(old: str, new: str) -> None:
 
 
 @rqvae_app.command("train", help="Deprecated spelling of `semid train_rqvae`.")
-def rqvae_train(params: ParamsFile = Path("params.yaml")) -> None:
+def rqvae_train(params: ParamsFile = Path("params.yaml"), force: Force = False) -> None:
     deprecated("rqvae train", "train_rqvae")
-    train_rqvae(params)
+    train_rqvae(params, force)
 
 
 @ranker_app.command("train", help="Deprecated spelling of `semid train_ranker`.")

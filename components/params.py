@@ -94,6 +94,8 @@ class RQVAEParams:
     restart_every: int = 100
     min_utilization: float = 0.9
     max_collision_rate: float = 0.1
+    refresh_months: tuple[int, ...] = (1, 4, 7, 10)  # a new codebook when as_of crosses day 1 of these months
+    refresh_on_drift: bool = False  # also when the last drift verdict has codebook_fit at ALERT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,12 +10,18 @@ import pytest
 import torch
 
 from components.data.world import run_generate
-from components.errors import DataError
+from components.errors import DataError, ParamsError
 from components.params import BackfillParams, EmbedParams, RQVAEParams
 from components.semid import rqvae
 from components.semid.backfill import run_backfill
 from components.semid.embedding import run_embed
-from components.semid.train_rqvae import QualityGateFailed, active_items, run_train_rqvae, training_window
+from components.semid.train_rqvae import (
+    QualityGateFailed,
+    active_items,
+    last_boundary,
+    run_train_rqvae,
+    training_window,
+)
 from components.storage import Layout
 
 FAST = RQVAEParams(codebook_size=16, latent_dim=8, hidden_dims=(32,), steps=150, warmup_steps=50,
@@ -63,7 +69,7 @@ def test_same_data_same_codebook_without_retraining(world, caplog):
     first = run_train_rqvae(FAST, world)
     with caplog.at_level("INFO"):
         second = run_train_rqvae(FAST, world)
-    assert "reused, not retrained" in caplog.text
+    assert f"codebook {first['codebook_version']} kept: no refresh due" in caplog.text
     assert second["codebook_version"] == first["codebook_version"]
     (world.root / "models").rename(world.root / "models-first")  # a cold retrain reproduces it bit for bit
     assert run_train_rqvae(FAST, world)["codebook_version"] == first["codebook_version"]
@@ -119,3 +125,54 @@ def test_default_world_semids_use_every_code_and_follow_topics(default_world, tm
     shared = metrics["prefix_sharing"]
     assert shared["same_leaf"][0] > 20 * shared["random_pairs"][0]
     assert shared["same_leaf"][1] > 20 * shared["random_pairs"][1]
+
+
+def test_last_boundary_is_day_1_of_the_latest_refresh_month():
+    months = (1, 4, 7, 10)
+    assert last_boundary(dt.date(2026, 3, 31), months) == dt.date(2026, 1, 1)
+    assert last_boundary(dt.date(2026, 4, 1), months) == dt.date(2026, 4, 1)
+    assert last_boundary(dt.date(2026, 12, 15), months) == dt.date(2026, 10, 1)
+    assert last_boundary(dt.date(2026, 2, 1), (11,)) == dt.date(2025, 11, 1)
+    assert last_boundary(dt.date(2026, 2, 1), ()) is None
+
+
+@pytest.fixture
+def spring(tmp_path, small_world_params) -> Layout:
+    """A small world from 2026-03-20 to 2026-04-04: across the April quarterly boundary."""
+    layout = Layout(tmp_path)
+    run_generate(dataclasses.replace(small_world_params, start=dt.date(2026, 3, 20), days=16), layout)
+    shutil.copytree(layout.raw.root, layout.validated.root)
+    run_embed(EMBED, layout)
+    return layout
+
+
+def test_the_codebook_stays_between_refreshes_and_is_renewed_on_the_boundary(spring, caplog):
+    day = lambda d: dataclasses.replace(FAST, as_of=d)  # noqa: E731
+    first = run_train_rqvae(day(dt.date(2026, 3, 28)), spring)
+    assert first["refreshed"] and first["refresh_reason"] == "no codebook yet"
+    kept = run_train_rqvae(day(dt.date(2026, 3, 31)), spring)
+    assert not kept["refreshed"] and kept["codebook_version"] == first["codebook_version"]
+    assert kept["trained_as_of"] == "2026-03-28"
+    renewed = run_train_rqvae(day(dt.date(2026, 4, 1)), spring)  # as_of reaches day 1 of April
+    assert renewed["refreshed"] and "refresh boundary 2026-04-01" in renewed["refresh_reason"]
+    assert renewed["codebook_version"] != first["codebook_version"]
+    assert rqvae.read_current(spring.rqvae)[0] == renewed["codebook_version"]
+    after = run_train_rqvae(day(dt.date(2026, 4, 4)), spring)
+    assert not after["refreshed"] and after["codebook_version"] == renewed["codebook_version"]
+    assert json.loads((spring.metrics / "rqvae.json").read_text())["refreshed"] == 0
+
+
+def test_force_and_a_drift_alert_refresh_out_of_cadence(spring):
+    p = dataclasses.replace(FAST, as_of=dt.date(2026, 3, 30))
+    first = run_train_rqvae(p, spring)
+    forced = run_train_rqvae(p, spring, force=True)  # same window and params: the same codebook, retrained
+    assert forced["refreshed"] and forced["refresh_reason"] == "forced (--force)"
+    assert forced["codebook_version"] == first["codebook_version"]
+    summary = spring.reports / "drift" / "summary.json"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text(json.dumps({"checks": {"codebook_fit": {"status": "ALERT"}}}))
+    assert not run_train_rqvae(p, spring)["refreshed"]  # refresh_on_drift is off by default
+    on_drift = run_train_rqvae(dataclasses.replace(p, refresh_on_drift=True), spring)
+    assert on_drift["refreshed"] and "codebook_fit at ALERT" in on_drift["refresh_reason"]
+    with pytest.raises(ParamsError, match="rqvae.refresh_months holds 13"):
+        run_train_rqvae(dataclasses.replace(p, refresh_months=(1, 13)), spring)

@@ -1,5 +1,9 @@
 """The `train_rqvae` stage (`semid train_rqvae`): refresh the Semantic ID codebooks on a trailing window.
 
+decide   a new codebook only at a refresh (`refresh_due`): the first run, as_of crossing day 1 of one of
+         rqvae.refresh_months, a change of the model's params, --force, or (rqvae.refresh_on_drift) the last
+         drift verdict's codebook_fit at ALERT. Otherwise the current codebook is kept, and its figures on
+         today's window are reported: between refreshes it stays fixed and only new items get SemIDs.
 load     validated items + their CU embeddings; keep the items active in [as_of - window_days, as_of)
 train    components/semid/rqvae.py (method rqvae or rqkmeans)
 measure  utilization, perplexity, collision rate, items per SemID; on the synthetic world also how often
@@ -24,7 +28,7 @@ import torch
 from rich.progress import Progress
 
 from components import provenance
-from components.errors import DataError, SemidError
+from components.errors import DataError, ParamsError, SemidError
 from components.params import RQVAEParams
 from components.semid import rqvae
 from components.storage import Layout, write_metrics, write_text
@@ -143,8 +147,74 @@ def current_if_same(layout: Layout, data_version: str) -> tuple[rqvae.SemanticId
     return model, ckpt.get("history", [])
 
 
-def run_train_rqvae(p: RQVAEParams, layout: Layout) -> dict:
+# What a checkpoint's params must match for it to stay current: the model and its training, not the window's
+# end, the cadence or the gates.
+MODEL_PARAMS = ("method", "window_days", "levels", "codebook_size", "latent_dim", "hidden_dims", "beta", "seed",
+                "steps", "batch_size", "lr", "warmup_steps", "normalize_input", "kmeans_init", "kmeans_iterations",
+                "dead_code_restart", "restart_every")
+
+
+def last_boundary(as_of: dt.date, months: tuple[int, ...]) -> dt.date | None:
+    """The latest day 1 of one of `months` on or before as_of (None without months)."""
+    for back in range(12):
+        month = (as_of.month - 1 - back) % 12 + 1
+        year = as_of.year - (as_of.month - back <= 0)
+        if month in months:
+            return dt.date(year, month, 1)
+    return None
+
+
+def drift_wants_refresh(layout: Layout) -> bool:
+    """Whether the last drift verdict (reports/drift/summary.json, a signal from the previous run, not a DVC
+    dep: drift depends on this stage) has codebook_fit at ALERT."""
+    path = layout.reports / "drift" / "summary.json"
+    try:
+        return json.loads(path.read_text())["checks"]["codebook_fit"]["status"] == "ALERT"
+    except FileNotFoundError:
+        return False
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable drift summary, expected checks.codebook_fit.status ({exc})") from exc
+
+
+def refresh_due(p: RQVAEParams, as_of: dt.date, ckpt: dict | None, force: bool, layout: Layout) -> str | None:
+    """Why a new codebook is due now, or None when the current one stays."""
+    if ckpt is None:
+        return "no codebook yet"
+    if force:
+        return "forced (--force)"
+    trained = {k: v for k, v in (ckpt.get("provenance", {}).get("params") or {}).items() if k in MODEL_PARAMS}
+    wanted = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(p), default=str)).items() if k in MODEL_PARAMS}
+    if trained != wanted:
+        changed = sorted(k for k in wanted if trained.get(k) != wanted[k])
+        return f"rqvae params changed ({', '.join(changed)})"
+    if "quality" not in ckpt:
+        return "the current checkpoint predates the quality record that drift's codebook_fit reads"
+    trained_as_of = dt.date.fromisoformat(ckpt["window"]["end"])
+    boundary = last_boundary(as_of, p.refresh_months)
+    if boundary is not None and trained_as_of < boundary <= as_of:
+        return f"as_of {as_of} is past the refresh boundary {boundary} (codebook trained as of {trained_as_of})"
+    if p.refresh_on_drift and drift_wants_refresh(layout):
+        return "the last drift verdict has codebook_fit at ALERT (rqvae.refresh_on_drift)"
+    return None
+
+
+def current_checkpoint(layout: Layout) -> tuple[rqvae.SemanticIdModel, dict] | tuple[None, None]:
+    if not (layout.rqvae / "current.json").exists():
+        return None, None
+    return rqvae.load_checkpoint(rqvae.read_current(layout.rqvae)[1])
+
+
+def run_train_rqvae(p: RQVAEParams, layout: Layout, force: bool = False) -> dict:
+    for month in p.refresh_months:
+        if not 1 <= month <= 12:
+            raise ParamsError(f"rqvae.refresh_months holds {month}, expected months 1..12")
     ids, x, window = load_window_vectors(p, layout)
+    as_of = dt.date.fromisoformat(window["end"])
+    current, ckpt = current_checkpoint(layout)
+    reason = refresh_due(p, as_of, ckpt, force, layout)
+    if reason is None:
+        return keep_current(p, layout, current, ckpt, ids, x, window)
+    log.info("codebook refresh as of %s: %s", as_of, reason)
     data_version = training_data_version(ids, x, p)
     reused = current_if_same(layout, data_version)
     if reused:
@@ -164,6 +234,7 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout) -> dict:
     version = rqvae.codebook_version(model)
     metrics = {
         "codebook_version": version,
+        "refreshed": True, "refresh_reason": reason,
         "promoted": gate["passed"],
         "method": p.method, "levels": p.levels, "codebook_size": p.codebook_size, "latent_dim": p.latent_dim,
         "window": window,
@@ -190,15 +261,39 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout) -> dict:
                                             "collision_rate": quality["collision_rate"]}})
         rqvae.write_current(layout.rqvae, version)
         log.info("codebook %s is current (%s)", version, path)
-    write_metrics(metrics, layout.metrics / "rqvae.json", layout.record("rqvae"))
-    write_text("level,utilization\n" + "".join(f"{l + 1},{u}\n" for l, u in enumerate(quality["utilization"])),
-               layout.reports / "rqvae" / "utilization.csv")
-    write_text("items_per_semid,semids\n" + "".join(f"{k},{n}\n" for k, n in enumerate(quality["cluster_sizes"])
-                                                   if k > 0 and n > 0),
-               layout.reports / "rqvae" / "cluster_sizes.csv")
+    write_outputs(layout, metrics, quality)
     if not gate["passed"]:
         raise QualityGateFailed(
             f"rqvae quality gate failed: utilization per level {quality['utilization']} (min "
             f"{p.min_utilization}), collision_rate {quality['collision_rate']:.4f} (max {p.max_collision_rate}); "
             f"codebook {version} not promoted, models/rqvae/current.json unchanged")
     return metrics
+
+
+def keep_current(p: RQVAEParams, layout: Layout, model: rqvae.SemanticIdModel, ckpt: dict, ids: pl.DataFrame,
+                 x: torch.Tensor, window: dict) -> dict:
+    """No refresh due: the current codebook stays; report its figures on today's window."""
+    codes = model.assign(x)
+    quality = code_quality(codes, model.config["codebook_size"])
+    version = ckpt["codebook_version"]
+    log.info("codebook %s kept: no refresh due (trained as of %s; next boundary after %s on rqvae.refresh_months "
+             "%s)", version, ckpt["window"]["end"], window["end"], list(p.refresh_months))
+    metrics = {
+        "codebook_version": version, "refreshed": False, "promoted": False,
+        "trained_as_of": ckpt["window"]["end"], "window": window,
+        **{k: v for k, v in quality.items() if k != "cluster_sizes"},
+        "provenance": {"code_version": provenance.code_version(),
+                       "data_version": provenance.data_version([layout.validated.items, layout.embeddings])},
+    }
+    write_outputs(layout, metrics, quality)
+    return metrics
+
+
+def write_outputs(layout: Layout, metrics: dict, quality: dict) -> None:
+    """metrics/rqvae.json, its record, and the two plots: utilization per level, SemIDs by items held."""
+    write_metrics(metrics, layout.metrics / "rqvae.json", layout.record("rqvae"))
+    write_text("level,utilization\n" + "".join(f"{l + 1},{u}\n" for l, u in enumerate(quality["utilization"])),
+               layout.reports / "rqvae" / "utilization.csv")
+    write_text("items_per_semid,semids\n" + "".join(f"{k},{n}\n" for k, n in enumerate(quality["cluster_sizes"])
+                                                   if k > 0 and n > 0),
+               layout.reports / "rqvae" / "cluster_sizes.csv")
