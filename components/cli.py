@@ -5,6 +5,8 @@ Heavy libraries are imported inside each command, so `semid --help` stays instan
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import functools
 import logging
 import sys
@@ -20,14 +22,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   context_settings={"token_normalize_func": lambda token: token.replace("-", "_")})
 
 ParamsFile = Annotated[Path, typer.Option("--params", help="The params file to read (every knob, commented).")]
+AsOf = Annotated[dt.datetime | None, typer.Option(
+    "--as-of", formats=["%Y-%m-%d"], help="Run as of this day (YYYY-MM-DD), the exclusive end of what the stage "
+                                          "reads; default: the stage's own date param, else loop.as_of, else the "
+                                          "day after the last events day.")]
 
 
-def inputs(params: Path, section: str):
-    """A stage's own params section and the pipeline layout (the repository root is the working directory)."""
+def inputs(params: Path, section: str, as_of: dt.datetime | None = None, dated: str | None = None):
+    """A stage's own params section and the pipeline layout (the repository root is the working directory). With
+    `dated`, the section's date field of that name is resolved: --as-of, else its own value, else loop.as_of."""
     from components.params import load_params
     from components.storage import Layout
 
-    return getattr(load_params(params), section), Layout()
+    p = load_params(params)
+    part = getattr(p, section)
+    if dated is not None:
+        day = as_of.date() if as_of is not None else getattr(part, dated) or p.loop.as_of
+        part = dataclasses.replace(part, **{dated: day})
+    return part, Layout()
+
+
+def loop_day(params: Path, as_of: dt.datetime | None) -> dt.date | None:
+    """--as-of, else loop.as_of (None: the stage's default, the day after the last events day)."""
+    from components.params import load_params
+
+    return as_of.date() if as_of is not None else load_params(params).loop.as_of
 
 
 def stage(fn):
@@ -82,11 +101,11 @@ def import_movielens(
 
 @app.command()
 @stage
-def validate(params: ParamsFile = Path("params.yaml")) -> None:
+def validate(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -> None:
     """Gate data/raw with Great Expectations; write data/validated only when it passes."""
     from components.data.validation import run_validate
 
-    run_validate(*inputs(params, "validation"))
+    run_validate(*inputs(params, "validation", as_of, dated="window_end"))
 
 
 @app.command()
@@ -103,13 +122,13 @@ Force = Annotated[bool, typer.Option("--force", help="Train a new codebook now, 
 
 @app.command("train_rqvae")
 @stage
-def train_rqvae(params: ParamsFile = Path("params.yaml"), force: Force = False) -> None:
+def train_rqvae(params: ParamsFile = Path("params.yaml"), force: Force = False, as_of: AsOf = None) -> None:
     """Train new codebooks on the items active in the trailing window when a refresh is due (the first run, a
     quarterly boundary, changed params, --force, rqvae.refresh_on_drift), else keep the current ones; a new
     checkpoint is promoted only if the quality gates pass."""
     from components.semid.train_rqvae import run_train_rqvae
 
-    run_train_rqvae(*inputs(params, "rqvae"), force=force)
+    run_train_rqvae(*inputs(params, "rqvae", as_of, dated="as_of"), force=force)
 
 
 @app.command()
@@ -135,18 +154,19 @@ def backfill(
 
 @app.command("train_ranker")
 @stage
-def train_ranker(params: ParamsFile = Path("params.yaml")) -> None:
+def train_ranker(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -> None:
     """One time-ordered pass over ranker.train_days, NE by segment on the next ranker.eval_hours, and
     champion/challenger promotion (models/ranker/champion.json moves only if NE is not worse)."""
     from components.ranker.train_ranker import run_train_ranker
 
-    run_train_ranker(*inputs(params, "ranker"))
+    run_train_ranker(*inputs(params, "ranker"), as_of=loop_day(params, as_of))
 
 
 @app.command()
 @stage
 def drift(
     params: ParamsFile = Path("params.yaml"),
+    as_of: AsOf = None,
     fail_on: Annotated[str | None, typer.Option(
         "--fail-on", help="Exit 1, naming the checks, when the verdict is at least this: warn or alert. Without "
                           "it the exit status is 0 whatever the verdict (the report is the product).")] = None,
@@ -155,7 +175,7 @@ def drift(
     content, codebook, popularity, labels, features); write the on-call page reports/drift/summary.html."""
     from components.monitoring.drift import run_drift
 
-    run_drift(*inputs(params, "drift"), fail_on)
+    run_drift(*inputs(params, "drift", as_of, dated="as_of"), fail_on)
 
 
 # The spellings of release 0.1, kept for one release: `semid rqvae train` and `semid ranker train`.
@@ -171,15 +191,15 @@ def deprecated(old: str, new: str) -> None:
 
 
 @rqvae_app.command("train", help="Deprecated spelling of `semid train_rqvae`.")
-def rqvae_train(params: ParamsFile = Path("params.yaml"), force: Force = False) -> None:
+def rqvae_train(params: ParamsFile = Path("params.yaml"), force: Force = False, as_of: AsOf = None) -> None:
     deprecated("rqvae train", "train_rqvae")
-    train_rqvae(params, force)
+    train_rqvae(params, force, as_of)
 
 
 @ranker_app.command("train", help="Deprecated spelling of `semid train_ranker`.")
-def ranker_train(params: ParamsFile = Path("params.yaml")) -> None:
+def ranker_train(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -> None:
     deprecated("ranker train", "train_ranker")
-    train_ranker(params)
+    train_ranker(params, as_of)
 
 
 if __name__ == "__main__":

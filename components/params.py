@@ -75,7 +75,7 @@ class EmbedParams:
 class RQVAEParams:
     """The Semantic ID model (components/semid/rqvae.py) and its quality gates."""
     method: str = "rqvae"  # "rqvae" (PAPER.md) | "rqkmeans" (residual k-means, no autoencoder)
-    as_of: dt.date | None = None  # end (exclusive) of the training window; None: the data's last day + 1
+    as_of: dt.date | None = None  # end (exclusive) of the training window; None: loop.as_of, else the data's end
     window_days: int = 90
     levels: int = 3  # L
     codebook_size: int = 256  # K
@@ -172,7 +172,7 @@ class DriftThresholds:
 @dataclasses.dataclass(frozen=True)
 class DriftParams:
     """The drift stage (components/monitoring/): a current window against a reference window before it."""
-    as_of: dt.date | None = None  # end (exclusive) of the current window; None: the data's last day + 1
+    as_of: dt.date | None = None  # end (exclusive) of the current window; None: loop.as_of, else the data's end
     current_days: int = 1
     reference_days: int = 28
     gap_days: int = 0  # days between the reference window's end and the current window's start
@@ -186,8 +186,15 @@ class DriftParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoopParams:
+    """The loop's clock: every dated stage runs as of this day (exclusive end of what it reads)."""
+    as_of: dt.date | None = None  # None: the day after the last events day; `semid <stage> --as-of` overrides
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     data: DataParams = DataParams()
+    loop: LoopParams = LoopParams()
     world: WorldParams = WorldParams()
     validation: ValidationParams = ValidationParams()
     embed: EmbedParams = EmbedParams()

@@ -133,3 +133,21 @@ def test_cli_fail_on_exits_1_naming_the_checks(small, tmp_path, monkeypatch):
     assert CliRunner().invoke(app, args).exit_code == 0  # the report is the product: exit 0 whatever the verdict
     failed = CliRunner().invoke(app, [*args, "--fail-on", "warn"])
     assert failed.exit_code == 1 and "semid_coverage ALERT" in failed.stderr
+
+
+def test_as_of_comes_from_the_command_line_then_the_stage_then_the_loop(small, tmp_path, monkeypatch):
+    monkeypatch.chdir(small.root)
+    params = yaml.safe_load(PARAMS.read_text())
+    params["loop"]["as_of"] = "2026-01-09"
+
+    def as_of(*extra: str) -> str:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        result = CliRunner().invoke(app, ["drift", "--params", str(tmp_path / "params.yaml"), *extra])
+        assert result.exit_code == 0, result.stderr
+        return json.loads((small.reports / "drift" / "summary.json").read_text())["as_of"]
+    assert as_of() == "2026-01-09"  # loop.as_of
+    assert as_of("--as-of", "2026-01-08") == "2026-01-08"
+    params["drift"]["as_of"] = "2026-01-07"
+    assert as_of() == "2026-01-07" and as_of("--as-of", "2026-01-10") == "2026-01-10"
+    bad = CliRunner().invoke(app, ["drift", "--as-of", "10 Jan"])
+    assert bad.exit_code == 2 and "--as-of" in bad.stderr

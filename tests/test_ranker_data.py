@@ -216,6 +216,8 @@ def test_ranker_window_defaults_to_the_end_of_the_data(ten_days):
     assert ranker_window(p, ten_days) == (Window(day(6), day(10)), Window(day(10), day(11)))
     p = RankerParams(train_end=dt.date(2026, 1, 5), train_days=4, eval_hours=6)
     assert ranker_window(p, ten_days) == (Window(day(1), day(5)), Window(day(5), day(5, 6)))
+    p = RankerParams(train_days=4, eval_hours=24)  # as of a day: the evaluation window ends there
+    assert ranker_window(p, ten_days, as_of=dt.date(2026, 1, 8)) == (Window(day(3), day(7)), Window(day(7), day(8)))
 
 
 @pytest.mark.parametrize("p, error, names", [

@@ -257,6 +257,18 @@ def test_cli_exits_1_with_a_one_line_error(tmp_path, monkeypatch):
                       "120 rows (e.g. 2)"]
 
 
+def test_cli_validates_as_of_a_day(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text("loop:\n  as_of: 2026-01-03\n")  # the loop's clock: two of the three days
+    write_raw(Layout())
+    assert CliRunner().invoke(app, ["validate"]).exit_code == 0
+    record = json.loads(Layout().record("validation").read_text())
+    assert record["window"] == {"start": "2026-01-01", "end": "2026-01-03"} and record["events"]["rows"] == 80
+    assert CliRunner().invoke(app, ["validate", "--as-of", "2026-01-02"]).exit_code == 0
+    assert json.loads(Layout().record("validation").read_text())["events"]["rows"] == 40
+    assert sorted(p.name for p in Layout().validated.events.iterdir()) == ["date=2026-01-01"]
+
+
 def test_window_defaults_to_the_datas_days_and_batches_keep_whole_files():
     days = [dt.date(2026, 1, d) for d in (3, 1, 2)]
     window, chosen = select_window(sorted((d, Path(f"{d}.parquet")) for d in days), DEFAULT)

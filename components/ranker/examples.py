@@ -50,9 +50,10 @@ AGE_OF_HOURS = np.array([min((1 + q).bit_length(), AGE_BUCKETS - 1) for q in ran
 # ---------------------------------------------------------------------------------------------- window
 
 
-def ranker_window(p: RankerParams, data: DataDir) -> tuple[Window, Window]:
+def ranker_window(p: RankerParams, data: DataDir, as_of: dt.date | None = None) -> tuple[Window, Window]:
     """The training window and the evaluation window right after it. Training ends at `ranker.train_end`
-    (midnight UTC) or, when unset, eval_hours before the end of the data (the day after its last partition)."""
+    (midnight UTC) or, when unset, eval_hours before as_of (default: the end of the data, the day after its last
+    partition)."""
     for name, value in (("train_days", p.train_days), ("eval_hours", p.eval_hours)):
         if value < 1:
             raise ParamsError(f"ranker.{name} is {value}, expected an integer >= 1")
@@ -60,7 +61,8 @@ def ranker_window(p: RankerParams, data: DataDir) -> tuple[Window, Window]:
     if span is None:
         raise DataError(f"{data.events}: no events files (expected {data.events}/date=YYYY-MM-DD/*.parquet)")
     eval_length = dt.timedelta(hours=p.eval_hours)
-    train_end = span.end - eval_length if p.train_end is None else utc_midnight(p.train_end)
+    end = span.end if as_of is None else utc_midnight(as_of)
+    train_end = end - eval_length if p.train_end is None else utc_midnight(p.train_end)
     train = Window.ending(train_end, dt.timedelta(days=p.train_days))
     evaluation = Window(train_end, train_end + eval_length)
     covered = f"the events in {data.events} cover [{span.start:%Y-%m-%d}, {span.end:%Y-%m-%d})"

@@ -12,6 +12,7 @@ the hours right after it, champion/challenger promotion.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import math
@@ -129,11 +130,13 @@ def train_one_pass(model: Ranker, train: Examples, p: RankerParams, device: torc
             "loss_curve": curve}
 
 
-def run_train_ranker(p: RankerParams, layout: Layout) -> dict:
+def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = None) -> dict:
+    """Train, evaluate and promote a ranker as of `as_of` (its evaluation window ends there; default: the data's
+    end); returns the metrics."""
     # load
     check_params(p)
     device = pick_device(p.device)
-    train_window, eval_window = ranker_window(p, layout.validated)
+    train_window, eval_window = ranker_window(p, layout.validated, as_of)
     store, K, L = current_store(p, layout)
     started = time.perf_counter()
     train = load_examples(layout.validated, *train_window, store, p, "training")
