@@ -28,4 +28,4 @@ test: setup
 	pytest
 
 flow: setup
-	python -m flows.pipeline
+	python -m flows.daily

@@ -7,8 +7,8 @@ version is a content hash (sha256 over the config and every tensor's dtype, shap
 same weights give the same version, so a retrained model that changed nothing is recognised as such. Files are
 written under a temporary name and renamed into place (the pointer too, so readers never see half of it).
 Loading never executes code (torch.load with weights_only=True) and verifies the hash against the recorded
-version. The RQ-VAE (codebook_version, current.json) and the ranker (model_version, champion.json) are the two
-kinds today.
+version. The RQ-VAE (codebook_version, current.json) and the ranker (model_version; models/serving.json names the
+champion, components/serving.py) are the two kinds today.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Kind:
     """What one family of checkpoints is called, on disk and in messages."""
     name: str  # "RQ-VAE", "ranker"
     version_key: str  # "codebook_version", "model_version"
-    pointer: str  # "current.json", "champion.json"
+    pointer: str | None  # "current.json"; None: serving.json points at it
     made_by: str  # the command that writes one, quoted when none is found
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import json
 import logging
 import sys
 from pathlib import Path
@@ -117,7 +118,8 @@ def embed(params: ParamsFile = Path("params.yaml")) -> None:
     run_embed(*inputs(params, "embed"))
 
 
-Force = Annotated[bool, typer.Option("--force", help="Train a new codebook now, whatever the refresh cadence.")]
+Force = Annotated[bool, typer.Option("--force", envvar="SEMID_FORCE_REFRESH",
+                                     help="Train a new codebook now, whatever the refresh cadence.")]
 
 
 @app.command("train_rqvae")
@@ -142,7 +144,8 @@ def backfill(
         "--endpoint-url", help="S3-compatible endpoint (MinIO, moto); default backfill.s3_endpoint_url, "
                                "else AWS.")] = None,
 ) -> None:
-    """SemIDs for every embedded item under the current codebook, into data/semids/semids.parquet."""
+    """SemIDs for every embedded item under the current codebook, into data/semids/<codebook_version>.parquet
+    (and, until the switch to it, into the serving codebook's store too)."""
     from components.semid.backfill import run_backfill
 
     p, layout = inputs(params, "backfill")
@@ -156,7 +159,8 @@ def backfill(
 @stage
 def train_ranker(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -> None:
     """One time-ordered pass over ranker.train_days, NE by segment on the next ranker.eval_hours, and
-    champion/challenger promotion (models/ranker/champion.json moves only if NE is not worse)."""
+    champion/challenger promotion (models/serving.json switches to it and its codebook only if NE is not
+    worse); a challenger is trained only when due (ranker.retrain_every_days, a new codebook)."""
     from components.ranker.train_ranker import run_train_ranker
 
     run_train_ranker(*inputs(params, "ranker"), as_of=loop_day(params, as_of))
@@ -176,6 +180,65 @@ def drift(
     from components.monitoring.drift import run_drift
 
     run_drift(*inputs(params, "drift", as_of, dated="as_of"), fail_on)
+
+
+
+@app.command()
+@stage
+def land(as_of: Annotated[dt.datetime, typer.Option("--as-of", formats=["%Y-%m-%d"],
+                                                    help="Land what was known before this day.")]) -> None:
+    """Make data/raw hold what the generated stream data/stream knew before --as-of (`semid replay` lands day
+    by day)."""
+    from components.data.landing import land as land_stream
+    from components.storage import Layout
+
+    layout = Layout()
+    typer.echo(land_stream(layout.stream, layout.raw, as_of.date()))
+
+
+@app.command()
+@stage
+def replay(
+    start: Annotated[dt.datetime, typer.Option("--start", formats=["%Y-%m-%d"], help="The first simulated day.")],
+    days: Annotated[int, typer.Option("--days", min=1, help="How many days to run, one after the other.")],
+) -> None:
+    """Run the loop day after day on a simulated clock: generate the world once into data/stream, then each day
+    land it into data/raw and run the daily flow; reports/loop/timeline.{csv,html} grow a row a day."""
+    from flows.replay import replay as replay_flow
+
+    replay_flow(start=start.date(), days=days, repo=str(Path.cwd()))
+
+
+@app.command()
+@stage
+def rollback(
+    to: Annotated[int | None, typer.Option("--to", help="The switch number (models/serving_log.jsonl) to go "
+                                                        "back to; default: the one before the serving one.")] = None,
+    unpin: Annotated[bool, typer.Option("--unpin", help="Instead: release the pin of an earlier rollback, so "
+                                                        "the next winning challenger switches again.")] = False,
+) -> None:
+    """Point models/serving.json back at an earlier codebook + store + champion, and pin it there."""
+    from components import serving
+    from components.storage import Layout
+
+    moved = serving.unpin(Layout()) if unpin else serving.rollback(Layout(), to)
+    typer.echo(json.dumps(dataclasses.asdict(moved), indent=2))
+
+
+@app.command("serving")
+@stage
+def show_serving() -> None:
+    """Print what serves now (models/serving.json) and every switch before it."""
+    from components import serving
+    from components.storage import Layout
+
+    layout = Layout()
+    live = serving.resolve(layout)
+    for entry in serving.history(layout):
+        mark = "*" if entry.seq == live.seq else " "
+        typer.echo(f"{mark} {entry.seq:>3}  as of {entry.as_of}  codebook {entry.codebook_version}  "
+                   f"champion {entry.champion}")
+    typer.echo(json.dumps(dataclasses.asdict(live), indent=2))
 
 
 # The spellings of release 0.1, kept for one release: `semid rqvae train` and `semid ranker train`.

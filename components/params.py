@@ -131,6 +131,7 @@ class RankerParams:
     train_end: dt.date | None = None  # end (exclusive) of training; None: eval_hours before the data's end
     train_days: int = 42
     eval_hours: int = 72
+    retrain_every_days: int = 1  # a new challenger when the champion was trained this many days before as_of
     embedding_dim: int = 64
     dense_hidden: tuple[int, ...] = (64,)
     top_hidden: tuple[int, ...] = (128, 64)

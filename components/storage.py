@@ -98,13 +98,39 @@ class Layout:
 
     @property
     def ranker(self) -> Path:
-        """Ranker checkpoints, one file per model version, and the `champion` pointer."""
+        """Ranker checkpoints, one file per model version (models/serving.json names the champion)."""
         return self.root / "models" / "ranker"
 
     @property
+    def serving(self) -> Path:
+        """The serving pointer: codebook version, SemID store and ranker champion together
+        (components/serving.py)."""
+        return self.root / "models" / "serving.json"
+
+    @property
+    def serving_log(self) -> Path:
+        """Every switch of the serving pointer, oldest first: what `semid rollback` goes back to."""
+        return self.root / "models" / "serving_log.jsonl"
+
+    def store(self, codebook_version: str) -> Path:
+        """The SemID entity store of one codebook version: item_id, codebook_version, c1..cL."""
+        return self.root / "data" / "semids" / f"{codebook_version}.parquet"
+
+    @property
     def semids(self) -> Path:
-        """The SemID entity store: item_id, codebook_version, c1..cL."""
-        return self.root / "data" / "semids" / "semids.parquet"
+        """The store of the current codebook (models/rqvae/current.json), the one the stages work on."""
+        pointer = self.rqvae / "current.json"
+        try:
+            return self.store(json.loads(pointer.read_text())["codebook_version"])
+        except FileNotFoundError:
+            raise DataError(f"{pointer}: no current RQ-VAE checkpoint (run `semid train_rqvae` first)") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{pointer}: unreadable pointer, expected {{\"codebook_version\": ...}} ({exc})") from exc
+
+    @property
+    def stream(self) -> DataDir:
+        """The whole generated event stream that `semid replay` lands into data/raw one day at a time."""
+        return DataDir(self.root / "data" / "stream")
 
     @property
     def metrics(self) -> Path:

@@ -136,9 +136,9 @@ def test_dvc_the_way_its_users_expect(repo):
     assert set(status) == set(STAGES)
 
 
-def test_prefect_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
-    proc = run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], REPO)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == STAGES
+def test_daily_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
+    proc = run([sys.executable, "-m", "flows.daily", "--repo", str(repo)], REPO)
+    assert list(json.loads(proc.stdout.strip().splitlines()[-1])) == ["land", *STAGES[1:]]
     assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] == 1
     verdict = json.loads((repo / "reports" / "drift" / "summary.json").read_text())["verdict"]
     artifact = run([sys.executable, "-m", "prefect", "artifact", "inspect", "drift-verdict"], REPO).stdout
@@ -147,7 +147,7 @@ def test_prefect_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
     params["validation"]["window_start"] = "2030-01-01"  # a window with no events: the gate must fail
     params["validation"]["window_end"] = "2030-02-01"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    failed = run([sys.executable, "-m", "flows.pipeline", "--repo", str(repo)], REPO, check=False)
+    failed = run([sys.executable, "-m", "flows.daily", "--repo", str(repo)], REPO, check=False)
     assert failed.returncode != 0
     assert "stage 'validate' failed" in failed.stdout + failed.stderr
 

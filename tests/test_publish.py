@@ -67,9 +67,9 @@ def test_publish_then_read_pointer_and_download_the_same_bytes(tmp_path, endpoin
     assert pointer == {"codebook_version": version, "manifest": f"semids/prod/{version}/manifest.json"}
     assert pub.read_current_pointer(url, endpoint) == pointer
     files = pub.download(url, None, tmp_path / "dest", endpoint)
-    assert files == {"semids.parquet": tmp_path / "dest" / "semids.parquet",
-                     checkpoint.name: tmp_path / "dest" / checkpoint.name}
-    assert files["semids.parquet"].read_bytes() == layout.semids.read_bytes()
+    store = layout.semids.name  # <codebook_version>.parquet beside <codebook_version>.pt
+    assert files == {store: tmp_path / "dest" / store, checkpoint.name: tmp_path / "dest" / checkpoint.name}
+    assert files[store].read_bytes() == layout.semids.read_bytes()
     assert files[checkpoint.name].read_bytes() == checkpoint.read_bytes()
     assert pub.download(url, version, tmp_path / "again", endpoint)  # by explicit version too
 
@@ -96,7 +96,7 @@ def test_a_failed_upload_leaves_current_on_the_previous_version(tmp_path, endpoi
     assert old_version != rqvae.read_current(new.rqvae)[0] and len(calls) == 2
     assert pub.read_current_pointer(url, endpoint)["codebook_version"] == old_version
     files = pub.download(url, None, tmp_path / "dest", endpoint)
-    assert files["semids.parquet"].read_bytes() == old.semids.read_bytes()
+    assert files[old.semids.name].read_bytes() == old.semids.read_bytes()
 
 
 def test_download_refuses_a_part_that_does_not_match_the_manifest(tmp_path, endpoint, bucket):

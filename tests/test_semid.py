@@ -234,7 +234,7 @@ def test_read_store_refuses_mixed_versions_missing_columns_and_repeated_items(tm
 
 def assert_untouched(layout: Layout, store: bytes, metrics: bytes) -> None:
     assert layout.semids.read_bytes() == store and (layout.metrics / "backfill.json").read_bytes() == metrics
-    assert sorted(p.name for p in layout.semids.parent.iterdir()) == ["semids.parquet"]  # no temp file left
+    assert sorted(p.name for p in layout.semids.parent.iterdir()) == [layout.semids.name]  # no temp file left
 
 
 def test_nan_vectors_are_refused_with_count_and_items_and_nothing_written(world):

@@ -8,6 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from components import serving
 from components.data.world import run_generate
 from components.errors import CodebookVersionMismatch, DataError, ParamsError
 from components.params import BackfillParams, EmbedParams, HistoryParams, RankerParams, RQVAEParams
@@ -63,46 +64,42 @@ def test_metrics_hold_ne_by_segment_drift_and_aar(world):
     assert saved["model_version"] == m["model_version"] and saved["throughput"] == m["throughput"]
     assert "throughput" not in json.loads((world.metrics / "ranker.json").read_text())  # timings: record only
     assert (world.reports / "ranker" / "ne_by_segment.csv").read_text().startswith("segment,ne\nall,")
-    pointer = json.loads((world.root / "models" / "ranker" / "champion.json").read_text())
-    assert pointer["model_version"] == m["model_version"]
+    live = serving.resolve(world)  # the first promotion switches codebook, store and champion together
+    assert (live.champion, live.codebook_version, live.seq) == (m["model_version"], m["codebook_version"], 1)
+    assert live.store == f"data/semids/{m['codebook_version']}.parquet"
 
 
 def test_same_seed_and_data_give_the_same_model(world):
     first = run_train_ranker(SMALL, world)
+    world.serving.unlink()  # nothing serves: a challenger is due again
     again = run_train_ranker(SMALL, world)
     assert again["model_version"] == first["model_version"] and again["ne"] == first["ne"]
-    assert again["promotion"]["reason"].startswith("the challenger is the champion")
+    assert again["retrained"] is True
 
 
-@pytest.mark.parametrize("aggregation", ["transformer", "pma"])
-def test_attention_modules_report_the_four_diagnostics(world, aggregation):
-    p = dataclasses.replace(SMALL, history=dataclasses.replace(SMALL.history, aggregation=aggregation))
-    m = run_train_ranker(p, world)
-    a = m["attention"]
-    assert set(a) == {"first_token", "padding_mass", "entropy", "self_attention"}
-    assert 0 <= a["first_token"] <= 1 and 0 <= a["padding_mass"] <= 1 and 0 <= a["self_attention"] <= 1
-    assert 0 <= a["entropy"] <= np.log2(SMALL.history.length) + 1e-9
-    assert 0 < m["ne"]["all"] < 1.05
-
-
-@pytest.mark.parametrize("item_ids", ["ie", "rh"])
-def test_baselines_train_without_code_changes(world, item_ids):
-    p = dataclasses.replace(SMALL, item_ids=item_ids,
-                            history=dataclasses.replace(SMALL.history, item_ids=item_ids))
-    m = run_train_ranker(p, world)
-    assert m["codebook_version"] is None and 0 < m["ne"]["all"] < 1.05
-    assert m["aar"] > 0  # different raw IDs, different rows
+def test_the_champion_serves_on_until_a_challenger_is_due(world):
+    day, next_day = dt.date(2026, 1, 14), dt.date(2026, 1, 15)  # the small world's events end on 2026-01-14
+    first = run_train_ranker(SMALL, world, as_of=day)
+    same_day = run_train_ranker(SMALL, world, as_of=day)  # retrain_every_days 1: not due again the same day
+    assert same_day["retrained"] is False and same_day["model_version"] == first["model_version"]
+    assert same_day["ne"] == first["ne"] and json.loads((world.metrics / "ranker.json").read_text())["retrained"] == 0
+    weekly = run_train_ranker(dataclasses.replace(SMALL, retrain_every_days=7), world, as_of=next_day)
+    assert weekly["retrained"] is False  # a day later, on a weekly cadence
+    daily = run_train_ranker(SMALL, world, as_of=next_day)
+    assert daily["retrained"] is True and daily["model_version"] != first["model_version"]
+    changed = run_train_ranker(dataclasses.replace(SMALL, lr=0.002), world, as_of=next_day)
+    assert changed["retrained"] is True  # a model param changed: the champion no longer is what params say
 
 
 def test_a_worse_challenger_never_touches_the_champion(world):
     champion = run_train_ranker(SMALL, world)
-    pointer = (world.root / "models" / "ranker" / "champion.json").read_bytes()
+    pointer = world.serving.read_bytes()
     strict = dataclasses.replace(SMALL, seed=1, promotion=dataclasses.replace(SMALL.promotion,
                                                                                max_ne_regression=-1.0))
     m = run_train_ranker(strict, world)
     assert not m["promotion"]["promoted"] and m["promotion"]["champion"] == champion["model_version"]
     assert m["promotion"]["champion_ne"] == pytest.approx(champion["ne"]["all"])
-    assert (world.root / "models" / "ranker" / "champion.json").read_bytes() == pointer
+    assert world.serving.read_bytes() == pointer
 
 
 def test_a_champion_that_saw_the_evaluation_window_is_not_compared(world):

@@ -294,8 +294,10 @@ def check_shift(p: WorldParams) -> None:
         raise ParamsError(f"world.shift.strength is {s.strength}, expected > 0 (at most 1 for kind topic)")
 
 
-def run_generate(p: WorldParams, layout: Layout) -> dict:
-    """Write data/raw (items + daily event partitions) and data/world (ground truth); return the stats."""
+def run_generate(p: WorldParams, layout: Layout, into: DataDir | None = None) -> dict:
+    """Write data/raw (or `into`: `semid replay` generates into data/stream and lands it day by day) with items
+    and daily event partitions, and data/world (ground truth); return the stats."""
+    into = into or layout.raw
     check_shift(p)
     rng = np.random.default_rng(p.seed)
     tax = load_taxonomy()
@@ -303,7 +305,7 @@ def run_generate(p: WorldParams, layout: Layout) -> dict:
     users = make_users(p, tax, rng)
     log.info("world: %d items, %d users, %d days from %s", len(items), len(users), p.days, p.start)
     shown, clicks = np.zeros(4), np.zeros(4)  # per shared taxonomy depth between user and item
-    with staged_dir(layout.raw.root) as tmp:
+    with staged_dir(into.root) as tmp:
         raw = DataDir(tmp)
         raw.write_items(contracts.conform_items(items))
         for day in track(range(p.days), description="generating events"):
@@ -312,7 +314,7 @@ def run_generate(p: WorldParams, layout: Layout) -> dict:
             shown += np.bincount(depth, minlength=4)
             clicks += np.bincount(depth, weights=events["clicked"].to_numpy(), minlength=4)
             raw.write_events(p.start + dt.timedelta(days=day), contracts.conform_events(events))
-    stats = world_stats(layout.raw, items, users, p)
+    stats = world_stats(into, items, users, p)
     stats["ctr_by_shared_depth"] = (clicks / np.maximum(shown, 1)).round(5).tolist()
     stats["impressions_by_shared_depth"] = shown.astype(int).tolist()
     with staged_dir(layout.world) as tmp:

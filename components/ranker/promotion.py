@@ -2,10 +2,13 @@
 
 registry   models/ranker/<model_version>.pt, content-hashed and loaded with weights_only
            (components/checkpoints.py); a SemID model records its codebook version and refuses a store of another
-champion   models/ranker/champion.json names the serving model. A challenger replaces it only when its NE on all
-           items is at most the champion's NE on the same evaluation window + ranker.promotion.max_ne_regression.
-           A champion that cannot be compared fairly (it was trained on data inside this evaluation window) or at
-           all (it uses a codebook the store no longer holds) is replaced.
+champion   the ranker models/serving.json names (components/serving.py). A challenger replaces it only when its
+           NE on all items is at most the champion's NE on the same evaluation window +
+           ranker.promotion.max_ne_regression; the champion is scored with the store of its own codebook, so a
+           challenger on a refreshed codebook is compared on equal terms. A champion that cannot be compared
+           fairly (it was trained on data inside this evaluation window) or at all (its codebook's store is gone)
+           is replaced. A promotion switches codebook, store and champion together, in one rename; while a
+           rollback pins the pointer, the challenger is recorded but nothing switches.
 """
 from __future__ import annotations
 
@@ -15,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-from components import checkpoints
-from components.errors import CodebookVersionMismatch
+from components import checkpoints, serving
 from components.params import RankerParams, from_mapping
 from components.ranker.evaluation import predict
 from components.ranker.examples import load_examples
@@ -28,7 +30,7 @@ from components.window import Window
 
 log = logging.getLogger(__name__)
 
-RANKER = checkpoints.Kind("ranker", "model_version", "champion.json", "semid train_ranker")
+RANKER = checkpoints.Kind("ranker", "model_version", None, "semid train_ranker")
 
 
 def save_ranker(model: Ranker, directory: Path, extra: dict) -> str:
@@ -51,30 +53,25 @@ def load_ranker(path: Path, store: SemIdStore | None = None) -> tuple[Ranker, di
     return model, ckpt
 
 
-def read_champion(directory: Path) -> str | None:
-    return checkpoints.read_pointer(RANKER, directory)
-
-
-def champion_ne(layout: Layout, version: str, evaluation_window: Window, store: SemIdStore | None,
-                device: torch.device) -> tuple[float | None, str]:
-    """NE on all items of the champion on this evaluation window, or None and why it cannot be scored."""
-    model, ckpt = load_ranker(layout.ranker / f"{version}.pt")
+def champion_ne(layout: Layout, live: serving.Serving, evaluation_window: Window, device: torch.device
+                ) -> tuple[float | None, str]:
+    """NE on all items of the serving champion on this evaluation window, or None and why it cannot be scored."""
+    version = live.champion
+    model, ckpt = load_ranker(layout.root / live.ranker)
     champion_end = dt.datetime.fromisoformat(ckpt["window"]["train_end"])
     if champion_end > evaluation_window.start:
         return None, (f"champion {version} was trained on data up to {champion_end:%Y-%m-%d %H:%M}, inside this "
                       f"evaluation window: its NE there would not be a fair comparison")
     champion_p = from_mapping(RankerParams, ckpt["params"], where=f"champion {version} params")
-    champion_store = store
+    champion_store = None
     if champion_p.uses_semid:
-        try:
-            champion_store = open_store(store if store is not None else read_store(layout.semids),
-                                        ckpt["codebook_version"])  # the store already in memory when there is one
-        except CodebookVersionMismatch:
-            return None, (f"champion {version} uses codebook {ckpt['codebook_version']}; the store now holds "
-                          f"another version, so it cannot score today's SemIDs")
+        path = layout.store(ckpt["codebook_version"])
+        if not path.exists():
+            return None, f"champion {version} uses codebook {ckpt['codebook_version']}, whose store {path} is gone"
+        champion_store = open_store(read_store(path), ckpt["codebook_version"])
     evaluation = load_examples(layout.validated, *evaluation_window, champion_store, champion_p, "evaluation")
     probs, _ = predict(model.to(device), evaluation, champion_p.batch_size, device)
-    return normalized_entropy(evaluation.label, probs), "scored on the same evaluation window"
+    return normalized_entropy(evaluation.label, probs), "scored on the same evaluation window, with its own codebook"
 
 
 def decide(ne_challenger: float, ne_champion: float | None, reason: str, max_regression: float) -> dict:
@@ -83,22 +80,27 @@ def decide(ne_challenger: float, ne_champion: float | None, reason: str, max_reg
             "max_ne_regression": max_regression, "reason": reason}
 
 
-def promote(layout: Layout, version: str, ne: float, evaluation_window: Window, store: SemIdStore | None,
+def promote(layout: Layout, version: str, ne: float, evaluation_window: Window, codebook_version: str | None,
             device: torch.device, max_regression: float) -> dict:
-    """Score the champion against challenger `version` (NE `ne` on all items of the evaluation window) and move
-    models/ranker/champion.json when the challenger wins. Returns the decision for metrics/ranker.json."""
-    champion = read_champion(layout.ranker)
-    if champion is None or champion == version:
-        decision = decide(ne, None, "no champion yet" if champion is None
+    """Score the serving champion against challenger `version` (NE `ne` on all items of the evaluation window)
+    and, when the challenger wins, switch models/serving.json to it and its codebook. Returns the decision for
+    metrics/ranker.json."""
+    live = serving.read(layout)
+    if live is None or live.champion == version:
+        decision = decide(ne, None, "no champion yet" if live is None
                           else "the challenger is the champion (same weights)", max_regression)
     else:
-        ne_champion, reason = champion_ne(layout, champion, evaluation_window, store, device)
+        ne_champion, reason = champion_ne(layout, live, evaluation_window, device)
         decision = decide(ne, ne_champion, reason, max_regression)
-    decision["champion"] = version if decision["promoted"] else champion
+    if decision["promoted"] and live is not None and live.pinned:
+        decision.update(promoted=False, reason=f"serving is pinned by a rollback to switch {live.seq} "
+                                                f"(`semid rollback --unpin` releases it); {decision['reason']}")
     if decision["promoted"]:
-        checkpoints.write_pointer(RANKER, layout.ranker, version)
-        log.info("ranker %s is the champion (NE %.5f)", version, ne)
+        if live is None or (live.champion, live.codebook_version) != (version, codebook_version):
+            serving.switch(layout, evaluation_window.end.date().isoformat(), codebook_version, version)
+        log.info("ranker %s is the champion (NE %.5f) under codebook %s", version, ne, codebook_version)
     else:
-        log.warning("ranker %s not promoted: NE %.5f vs champion %s %.5f (max regression %s)", version, ne,
-                    champion, decision["champion_ne"], max_regression)
+        log.warning("ranker %s not promoted: NE %.5f vs champion %s %s (max regression %s): %s", version, ne,
+                    live.champion, decision["champion_ne"], max_regression, decision["reason"])
+    decision["champion"] = version if decision["promoted"] else live.champion
     return decision

@@ -5,8 +5,12 @@ the hours right after it, champion/challenger promotion.
     train     Adam on the dense parameters, Adagrad on the embedding tables (sparse gradients: dense updates of a
               2M-row table are 123x slower, README "Benchmarks"); CUDA with bf16 autocast when present, else CPU
     evaluate  NE by segment, drift sensitivity, A/A ratio, attention diagnostics (components/ranker/evaluation.py)
-    promote   save models/ranker/<model_version>.pt; champion.json moves only when the challenger is not worse
-              than the champion (components/ranker/promotion.py)
+    promote   save models/ranker/<model_version>.pt; models/serving.json switches to it (and its codebook) only
+              when the challenger is not worse than the champion (components/ranker/promotion.py)
+
+A challenger is trained only when one is due: the champion is ranker.retrain_every_days old, or was trained under
+another codebook than the current one, or nothing serves yet. Otherwise the champion serves on and the stage
+reports it (retrained 0).
     write     metrics/ranker.json, reports/ranker/ne_by_segment.csv
 """
 from __future__ import annotations
@@ -24,7 +28,7 @@ import polars as pl
 import torch
 from rich.progress import Progress
 
-from components import provenance
+from components import provenance, serving
 from components.errors import DataError, ParamsError
 from components.params import RankerParams
 from components.ranker.device import autocast, pick_device, to_device
@@ -33,7 +37,7 @@ from components.ranker.examples import Examples, load_examples, ranker_window
 from components.ranker.model import Ranker, bce
 from components.ranker.parameterization import NAMES as PARAMETERIZATIONS
 from components.ranker.parameterization import row_indices
-from components.ranker.promotion import promote, save_ranker
+from components.ranker.promotion import load_ranker, promote, save_ranker
 from components.semid import rqvae
 from components.semid.store import SemIdStore, open_store, read_store
 from components.storage import Layout, write_metrics, write_text
@@ -41,6 +45,8 @@ from components.storage import Layout, write_metrics, write_text
 log = logging.getLogger(__name__)
 
 ITEM_IDS = ("ie", "rh", "semid")
+# Params that do not change what a champion is: a champion trained under other values of them still serves.
+CADENCE_PARAMS = ("train_end", "retrain_every_days", "promotion", "device")
 AGGREGATIONS = ("bypass", "transformer", "pma")
 
 
@@ -138,6 +144,10 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
     device = pick_device(p.device)
     train_window, eval_window = ranker_window(p, layout.validated, as_of)
     store, K, L = current_store(p, layout)
+    codebook_version = store.codebook_version if store is not None else None
+    kept = champion_if_not_due(p, layout, eval_window.end.date(), codebook_version)
+    if kept is not None:
+        return kept
     started = time.perf_counter()
     train = load_examples(layout.validated, *train_window, store, p, "training")
     evaluation = load_examples(layout.validated, *eval_window, store, p, "evaluation")
@@ -160,7 +170,6 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
                         f"{metrics['events']['all']} events but no click/no-click mix: NE is undefined")
 
     # promote
-    codebook_version = store.codebook_version if store is not None else None
     params = json.loads(json.dumps(dataclasses.asdict(p), default=str))
     window_json = {"train_start": train_window.start.isoformat(), "train_end": train_window.end.isoformat(),
                    "eval_end": eval_window.end.isoformat()}
@@ -168,13 +177,13 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
             "data_version": provenance.data_version([layout.validated.root]
                                                     + ([layout.semids] if store is not None else []))}
     version = save_ranker(model, layout.ranker, {"params": params, "codebook_version": codebook_version,
-                                                 "window": window_json, "provenance": prov})
-    decision = promote(layout, version, metrics["ne"]["all"], eval_window, store, device,
+                                                 "window": window_json, "provenance": prov, "ne": metrics["ne"]})
+    decision = promote(layout, version, metrics["ne"]["all"], eval_window, codebook_version, device,
                        p.promotion.max_ne_regression)
 
     # write
     metrics = {
-        "model_version": version, "codebook_version": codebook_version, **metrics,
+        "model_version": version, "codebook_version": codebook_version, "retrained": True, **metrics,
         "promotion": decision,
         "examples": {"train": len(train), "eval": len(evaluation),
                      "missing_semid": missing},
@@ -184,8 +193,36 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
     timings = {"throughput": {"train_examples_per_s": training["examples_per_s"],
                               "pipeline_examples_per_s": round((len(train) + len(evaluation)) / pipeline_s),
                               "device": device.type}}
+    write_outputs(layout, metrics, timings)
+    return {**metrics, **timings}
+
+
+def champion_if_not_due(p: RankerParams, layout: Layout, as_of: dt.date, codebook_version: str | None
+                        ) -> dict | None:
+    """The serving champion's figures when no challenger is due as of `as_of` (it was trained for a day at most
+    retrain_every_days - 1 before, under the current codebook and the same model params); None when one is due."""
+    if p.retrain_every_days < 1:
+        raise ParamsError(f"ranker.retrain_every_days is {p.retrain_every_days}, expected >= 1")
+    live = serving.read(layout)
+    if live is None or live.codebook_version != codebook_version:
+        return None
+    _, ckpt = load_ranker(layout.root / live.ranker)
+    trained_for = dt.datetime.fromisoformat(ckpt["window"]["eval_end"]).date()
+    wanted = json.loads(json.dumps(dataclasses.asdict(p), default=str))
+    if (not 0 <= (as_of - trained_for).days < p.retrain_every_days or "ne" not in ckpt
+            or {k: v for k, v in ckpt["params"].items() if k not in CADENCE_PARAMS}
+            != {k: v for k, v in wanted.items() if k not in CADENCE_PARAMS}):
+        return None
+    log.info("ranker %s serves on: trained as of %s, a challenger is due every %d day(s)", live.champion,
+             trained_for, p.retrain_every_days)
+    metrics = {"model_version": live.champion, "codebook_version": codebook_version, "retrained": False,
+               "trained_as_of": trained_for.isoformat(), "ne": ckpt["ne"], "window": ckpt["window"]}
+    write_outputs(layout, metrics, {})
+    return metrics
+
+
+def write_outputs(layout: Layout, metrics: dict, timings: dict) -> None:
+    """metrics/ranker.json, its record, and the NE-by-segment plot."""
     write_metrics(metrics, layout.metrics / "ranker.json", layout.record("ranker"), timings)
-    metrics.update(timings)
     write_text("segment,ne\n" + "".join(f"{name},{ne}\n" for name, ne in metrics["ne"].items() if ne is not None),
                layout.reports / "ranker" / "ne_by_segment.csv")
-    return metrics

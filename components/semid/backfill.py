@@ -3,10 +3,11 @@
 assignment    the frozen current checkpoint turns each content embedding x into its codes (c_1, ..., c_L);
               `assign_codes` is the one code path, used by the backfill and by `SemIdAssigner` for new items
 backfill      streams data/embeddings/items.parquet in batches (memory bounded whatever the item count) into
-              the entity store (components/semid/store.py), merging with the previous store: under the same
-              codebook version only items without a SemID are encoded and items gone from the embeddings drop
-              out; under another version (or none) every item is encoded and the table is replaced whole. Any
-              bad input raises DataError and leaves the store and metrics/backfill.json as they were.
+              the entity store of the current codebook, data/semids/<codebook_version>.parquet
+              (components/semid/store.py): when that store exists only items without a SemID are encoded and
+              items gone from the embeddings drop out; a new codebook gets a new store, every item encoded, and
+              the stores of earlier versions stay for serving and rollback. Any bad input raises DataError and
+              leaves the stores and metrics/backfill.json as they were.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from rich.progress import Progress
 
-from components import provenance
+from components import provenance, serving
 from components.errors import DataError
 from components.params import BackfillParams
 from components.semid import rqvae
@@ -233,27 +234,24 @@ def semid_counts(path: Path, levels: int) -> dict:
             "max_items_per_semid": counts["len"][0] or 0}
 
 
-def run_backfill(params: BackfillParams, layout: Layout) -> dict:
-    """Write data/semids/semids.parquet and metrics/backfill.json; return the metrics plus "seconds"."""
-    started = time.perf_counter()
-    version, checkpoint = rqvae.read_current(layout.rqvae)
+def backfill_version(params: BackfillParams, layout: Layout, version: str) -> dict:
+    """Bring data/semids/<version>.parquet up to date with the embeddings; return its figures."""
+    checkpoint = layout.rqvae / f"{version}.pt"
     model, _ = rqvae.load_checkpoint(checkpoint)  # verifies the content hash, which names the file
     levels, K, dim = (model.config[k] for k in ("levels", "codebook_size", "input_dim"))
-    source = layout.embeddings
+    source, target = layout.embeddings, layout.store(version)
     check_embeddings_schema(source, dim, version)
     total = pq.ParquetFile(source).metadata.num_rows
     if total == 0:
         raise DataError(f"{source}: no embeddings, expected at least one item")
-    previous = store_version(layout.semids, levels)
-    full = previous != version
+    full = store_version(target, levels) != version
     if full:
-        log.info("semids: store holds codebook_version %s, the current one is %s: full backfill",
-                 previous or "none", version)
-    stored = 0 if full else pq.ParquetFile(layout.semids).metadata.num_rows
+        log.info("semids: no usable store of codebook_version %s yet: full backfill into %s", version, target)
+    stored = 0 if full else pq.ParquetFile(target).metadata.num_rows
     prov = {"code_version": provenance.code_version(),
             "data_version": provenance.data_version([source, checkpoint])}
     schema = store_schema(levels, K)
-    cursor = None if full else StoreCursor(layout.semids, ["item_id", *code_columns(levels)], params.batch_size)
+    cursor = None if full else StoreCursor(target, ["item_id", *code_columns(levels)], params.batch_size)
     encoded = 0
 
     def rows() -> Iterator[pa.Table]:
@@ -262,7 +260,7 @@ def run_backfill(params: BackfillParams, layout: Layout) -> dict:
         nonlocal encoded
         bad_rows, bad_ids = 0, []
         with Progress(disable=total < PROGRESS_MIN_ITEMS, transient=True) as progress:
-            task = progress.add_task("assigning SemIDs", total=total)
+            task = progress.add_task(f"assigning SemIDs of {version}", total=total)
             for ids, x, bad in embedding_batches(source, params.batch_size):
                 progress.advance(task, len(ids))
                 if bad.any():
@@ -277,23 +275,34 @@ def run_backfill(params: BackfillParams, layout: Layout) -> dict:
             raise DataError(f"{source}: column vector holds NaN, inf or null in {bad_rows} of {total} row(s), "
                             f"expected finite floats (e.g. item_id {bad_ids}); nothing written")
 
-    write_parquet(rows(), layout.semids, metadata={PROVENANCE_KEY: json.dumps(prov)}, schema=schema)
-    counts = semid_counts(layout.semids, levels)
-
-    metrics = {
+    write_parquet(rows(), target, metadata={PROVENANCE_KEY: json.dumps(prov)}, schema=schema)
+    return {
         "codebook_version": version,
         "items": total,
         "encoded": encoded,  # items run through the model this run
         "reused": total - encoded,  # SemIDs kept from the previous store (same codebook version)
         "dropped": stored - (total - encoded),  # items of the previous store gone from the embeddings
         "full_backfill": full,
-        **counts,
+        **semid_counts(target, levels),
         "provenance": prov,
     }
+
+
+def run_backfill(params: BackfillParams, layout: Layout) -> dict:
+    """Write data/semids/<current codebook_version>.parquet and metrics/backfill.json; return the metrics plus
+    "seconds". While a newer codebook waits for its switch (components/serving.py), the serving codebook's store
+    gets today's new items too, so serving never lacks a SemID for an item the loop has seen."""
+    started = time.perf_counter()
+    version, _ = rqvae.read_current(layout.rqvae)
+    metrics = backfill_version(params, layout, version)
+    live = serving.read(layout)
+    if live is not None and live.codebook_version not in (None, version):
+        log.info("semids: codebook %s serves until the switch to %s: its store gets the new items too",
+                 live.codebook_version, version)
+        figures = backfill_version(params, layout, live.codebook_version)
+        metrics["serving_store"] = {k: figures[k] for k in ("codebook_version", "items", "encoded")}
     write_metrics(metrics, layout.metrics / "backfill.json", layout.record("backfill"))
     seconds = time.perf_counter() - started
-    log.info("semids: %s items under %s (%s encoded, %s reused) in %.1f s", f"{total:,}", version,
-             f"{encoded:,}", f"{total - encoded:,}", seconds)
+    log.info("semids: %s items under %s (%s encoded, %s reused) in %.1f s", f"{metrics['items']:,}", version,
+             f"{metrics['encoded']:,}", f"{metrics['reused']:,}", seconds)
     return {**metrics, "seconds": round(seconds, 3)}
-
-

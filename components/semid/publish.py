@@ -1,7 +1,8 @@
 """Publish the SemID store and its checkpoint to S3 (or an S3-compatible store) for online readers.
 
-    s3://bucket/prefix/<codebook_version>/<sha256[:16]>/semids.parquet    parts, content-addressed: a
-    s3://bucket/prefix/<codebook_version>/<sha256[:16]>/<checkpoint>.pt   re-publish never overwrites bytes
+    s3://bucket/prefix/<codebook_version>/<sha256[:16]>/<codebook_version>.parquet  parts, content-addressed:
+    s3://bucket/prefix/<codebook_version>/<sha256[:16]>/<codebook_version>.pt       a re-publish never
+                                                                                    overwrites bytes
     s3://bucket/prefix/<codebook_version>/manifest.json                   a reader may be downloading
     s3://bucket/prefix/CURRENT                                            {"codebook_version", "manifest"}
 

@@ -1,8 +1,8 @@
 """The SemID entity store (PAPER.md, "Semantic ID", step 4): which codes each item has under one codebook version.
 
-table   data/semids/semids.parquet: item_id Int64, codebook_version String, c1..cL Int16 (Int32 when K - 1 does
-        not fit), sorted by item_id, exactly one codebook version per table; written by `semid backfill`
-        (components/semid/backfill.py)
+table   data/semids/<codebook_version>.parquet, one per codebook version: item_id Int64, codebook_version
+        String, c1..cL Int16 (Int32 when K - 1 does not fit), sorted by item_id, exactly one codebook version per
+        table; written by `semid backfill` (components/semid/backfill.py)
 lookup  `join_semids` (target items) and `join_history_semids` (user-history lists) for feature generation;
         both refuse a store of another codebook version (CodebookVersionMismatch). `join_semids` is the one
         item -> codes join: the ranker's examples go through it too.

@@ -1,0 +1,47 @@
+"""The codebook refresh flow (deployment semid-codebook-refresh, 03:00 UTC on day 1 of January, April, July and
+October): a new codebook switches everything together.
+
+    train_rqvae   a new codebook (forced by default: the deployment runs on the quarterly boundary, and a
+                  refresh whose window and params match the current codebook reproduces it bit for bit)
+    backfill      a full backfill into the new version's own store, data/semids/<codebook_version>.parquet
+    train_ranker  a challenger on the new store, scored against the serving champion on the same window
+    switch        models/serving.json moves to (codebook, store, challenger) in one rename when the challenger
+                  wins; until then readers see the previous triple, which stays on disk (`semid rollback`)
+
+Run it locally:  python -m flows.codebook_refresh [--no-force]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from components.storage import Layout
+from flows.stages import REPO, run_stage
+
+FORCE_ENV = "SEMID_FORCE_REFRESH"  # read by `semid train_rqvae` as its --force
+
+
+@flow(name="semid-codebook-refresh", log_prints=True)
+def codebook_refresh(repo: str = str(REPO), force: bool = True) -> dict:
+    """Refresh the codebook and switch serving when the new triple wins; returns what serves afterwards."""
+    root = Path(repo)
+    run_stage("train_rqvae", root, force=force, env={FORCE_ENV: "1"} if force else None)
+    run_stage("backfill", root)
+    run_stage("train_ranker", root)
+    return json.loads(Layout(root).serving.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", default=str(REPO), help="the repository (dvc.yaml) to run in")
+    parser.add_argument("--no-force", dest="force", action="store_false",
+                        help="refresh only when the cadence says so")
+    args = parser.parse_args()
+    print(json.dumps(codebook_refresh(repo=args.repo, force=args.force)))
+
+
+if __name__ == "__main__":
+    main()

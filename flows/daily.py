@@ -1,0 +1,61 @@
+"""The daily flow (deployment semid-daily, 02:00 UTC): land -> validate -> embed -> train_rqvae -> backfill ->
+drift -> train_ranker, each a DVC stage run as a task (flows/stages.py).
+
+land          with `as_of`, the lake data/raw as it stood that day, cut from the generated stream data/stream
+              (`semid replay` makes it); without, the generate stage (the embedded synthetic world or MovieLens)
+train_rqvae   keeps the current codebook unless a refresh is due (quarterly, forced, drift): then the same run
+              does the switch of flows/codebook_refresh.py, since backfill and train_ranker follow
+train_ranker  trains a challenger when one is due (ranker.retrain_every_days) and switches models/serving.json
+              only when it wins
+
+Every stage runs as of the day after the last landed events day (loop.as_of null), so landing sets the clock.
+Run it locally on the ephemeral API:  python -m flows.daily [--as-of YYYY-MM-DD]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from components.data.landing import land
+from components.storage import Layout
+from flows.stages import REPO, run_stage
+
+DAILY_STAGES = ("validate", "embed", "train_rqvae", "backfill", "drift", "train_ranker")
+
+
+@task(name="land", task_run_name="land as of {as_of}", cache_policy=NONE)
+def land_day(repo: Path, as_of: dt.date) -> float:
+    """Copy what was known before as_of from data/stream into data/raw."""
+    started = time.perf_counter()
+    layout = Layout(repo)
+    land(layout.stream, layout.raw, as_of)
+    return time.perf_counter() - started
+
+
+@flow(name="semid-daily", log_prints=True)
+def daily(repo: str = str(REPO), as_of: dt.date | None = None) -> dict[str, float]:
+    """One day of the loop; returns the seconds of each task, land first. A failing stage fails the flow and
+    later stages do not run."""
+    root = Path(repo)
+    seconds = {"land": land_day(root, as_of) if as_of is not None else run_stage("generate", root)}
+    for stage in DAILY_STAGES:
+        seconds[stage] = run_stage(stage, root)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", default=str(REPO), help="the repository (dvc.yaml) to run in")
+    parser.add_argument("--as-of", type=dt.date.fromisoformat, help="land data/stream as of this day first")
+    args = parser.parse_args()
+    print(json.dumps(daily(repo=args.repo, as_of=args.as_of)))
+
+
+if __name__ == "__main__":
+    main()
