@@ -33,7 +33,7 @@ from components.monitoring import checks  # noqa: E402
 from components.monitoring.drift import measure  # noqa: E402
 from components.params import load_params  # noqa: E402
 from components.storage import Layout  # noqa: E402
-from tests.drift_worlds import build, scenario  # noqa: E402  (the tests calibrate on the same worlds)
+from tests.drift_worlds import build, default_params, scenario  # noqa: E402  (the tests calibrate on the same worlds)
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = ("topic", "flood", "concentration")
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="keep the built worlds here")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="semid-drift-calibration-"))
-    base = load_params(REPO / "params.yaml").world
+    base = default_params().world
     console = Console(stderr=True)
     no_drift: dict[str, list[float]] = {c.name: [] for c in checks.CHECKS}
     for seed in args.seeds:

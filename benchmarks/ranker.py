@@ -2,7 +2,7 @@
 `python benchmarks/ranker.py [--device cpu|cuda] [--examples N] [--rows R] [--repeats N] [--contrast-batches N]
                              [--no-dense-contrast] [--seed S]`
 
-Data: the default synthetic world (components.data.world.run_generate(WorldParams()), 60 days, about 20k impressions
+Data: the default synthetic world's first 60 days (components.data.world.run_generate), about 20k impressions
 a day, written to a temp dir in a few seconds); its data/raw is read as the stage reads data/validated (same
 layout, and the world is valid). SemIDs: a store built in memory with seeded random codes, L=3 levels of
 K=256, for every item, so no MiniLM or RQ-VAE is needed: throughput does not depend on which codes an item
@@ -277,7 +277,7 @@ def main() -> None:
                         TimeElapsedColumn(), console=console)
     with tempfile.TemporaryDirectory(prefix="semid-bench-") as tmp, progress:
         task = progress.add_task("generate the default synthetic world", total=None)
-        run_generate(WorldParams(), Layout(Path(tmp)))
+        run_generate(dataclasses.replace(WorldParams(), days=60), Layout(Path(tmp)))
         progress.update(task, total=1, completed=1)
         data = Layout(Path(tmp)).raw
         items = pl.read_parquet(data.items, columns=["item_id"])["item_id"]

@@ -36,7 +36,7 @@ class WorldParams:
     seed: int = 7
     scale: float = 1.0
     start: dt.date = dt.date(2026, 1, 1)
-    days: int = 60
+    days: int = 170  # long enough to replay 120 days across the April refresh (README, "The loop")
     active_items: int = 1000
     half_life_days: float = 6.0
     impressions_per_day: int = 20000

@@ -18,9 +18,9 @@ from components.storage import Layout  # noqa: E402
 
 @pytest.fixture(scope="session")
 def default_world(tmp_path_factory) -> tuple[Layout, dict]:
-    """The default synthetic world (params.yaml defaults), generated once per test session."""
+    """The default synthetic world (params.yaml defaults) over its first 60 days, generated once per test session."""
     layout = Layout(tmp_path_factory.mktemp("default-world"))
-    return layout, run_generate(WorldParams(), layout)
+    return layout, run_generate(dataclasses.replace(WorldParams(), days=60), layout)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from components.data.validation import run_validate
 from components.data.world import run_generate
+from components.errors import DataError
 from components.params import Params, WorldParams, load_params
 from components.semid.backfill import run_backfill
 from components.semid.embedding import run_embed
@@ -17,14 +18,27 @@ from components.storage import Layout
 REPO = Path(__file__).resolve().parent.parent
 
 
+CALIBRATION_DAYS = 60  # the drift thresholds were calibrated on 60-day worlds (README, "On call")
+
+
 def default_params() -> Params:
-    return load_params(REPO / "params.yaml")
+    """params.yaml, its world cut to the calibration worlds' length."""
+    p = load_params(REPO / "params.yaml")
+    return dataclasses.replace(p, world=dataclasses.replace(p.world, days=CALIBRATION_DAYS))
+
+
+def has_store(layout: Layout) -> bool:
+    """Whether the world was built up to the SemID store of its current codebook."""
+    try:
+        return layout.semids.exists()
+    except DataError:  # no codebook yet
+        return False
 
 
 def build(layout: Layout, world: WorldParams, codebook_as_of: dt.date | None = None) -> Layout:
     """generate, validate, embed, train_rqvae (its window ending codebook_as_of; default: the data's end) and
     backfill into `layout`, unless it holds a SemID store already."""
-    if not layout.semids.exists():
+    if not has_store(layout):
         p = default_params()
         run_generate(world, layout)
         run_validate(p.validation, layout)

@@ -169,3 +169,44 @@ def test_switching_data_source_runs_the_pipeline_on_movielens(repo):
     assert ranker["examples"]["eval"] > 500 and ranker["ne"]["all"] is not None
     drift = json.loads((repo / "reports" / "drift" / "summary.json").read_text())  # the drift stage, no edits
     assert drift["as_of"] == "2018-09-25" and drift["checks"]["feature_drift"]["note"].startswith("the data has no")
+
+
+def test_a_run_while_another_holds_the_workspace_waits_its_turn_or_is_refused_by_name(repo):
+    """DVC allows one run per workspace: the task names the lock and retries with backoff; nothing is touched."""
+    import threading
+    import time
+
+    from dvc.repo import Repo
+    from prefect import flow
+
+    from flows.stages import WorkspaceBusy, repro, run_stage
+
+    run(["dvc", "repro", "--single-item", "generate"], repo)
+    run(["dvc", "repro", "--single-item", "validate"], repo)
+    outputs = sorted(p for p in (repo / "data" / "validated").rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in [*outputs, repo / "metrics" / "validation.json", repo / "dvc.lock"]}
+    workspace = Repo(str(repo))
+    with workspace.lock:
+        with pytest.raises(WorkspaceBusy, match=r"another DVC run holds the workspace lock .*waits its turn"):
+            repro("validate", repo, force=True)
+    assert {p: p.read_bytes() for p in before} == before  # refused: nothing written
+
+    acquired = threading.Event()
+
+    def hold_for_a_while():
+        with workspace.lock:
+            acquired.set()
+            time.sleep(5)  # the first attempt finds the workspace busy; its retry, 15 s later, does not
+
+    @flow
+    def validate_again() -> float:
+        holder = threading.Thread(target=hold_for_a_while)
+        holder.start()
+        acquired.wait()
+        try:
+            return run_stage("validate", repo, force=True)
+        finally:
+            holder.join()
+
+    assert validate_again() > 0
+    assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] == 1

@@ -29,7 +29,7 @@ def read_json(path: Path) -> dict:
 def day_row(layout: Layout, as_of: str, seconds: float, seconds_by_task: dict[str, float]) -> dict:
     """The timeline row of the day the loop just ran, from the files its stages wrote."""
     live = serving.resolve(layout)
-    rqvae = read_json(layout.metrics / "rqvae.json")
+    rqvae = read_json(layout.record("rqvae"))
     ranker = read_json(layout.record("ranker"))
     drift = read_json(layout.reports / "drift" / "summary.json")
     return {
@@ -38,7 +38,7 @@ def day_row(layout: Layout, as_of: str, seconds: float, seconds_by_task: dict[st
         "store_version": pl.read_parquet(layout.root / live.store, columns=["codebook_version"])
         ["codebook_version"].unique().item() if live.store else None,
         "champion": live.champion,
-        "refreshed": int(rqvae["refreshed"]),
+        "refreshed": int(rqvae["refreshed"] and rqvae["replaced"] is not None),  # the first codebook is none
         "ranker_retrained": int(ranker["retrained"]),
         "drift_verdict": drift["verdict"],
         "semid_coverage": drift["checks"]["semid_coverage"]["value"],

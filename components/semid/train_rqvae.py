@@ -235,6 +235,8 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout, force: bool = False) -> dict
     metrics = {
         "codebook_version": version,
         "refreshed": True, "refresh_reason": reason,
+        # the codebook this one replaces; None for the first codebook, or when training reproduced the current one
+        "replaced": ckpt["codebook_version"] if ckpt is not None and ckpt["codebook_version"] != version else None,
         "promoted": gate["passed"],
         "method": p.method, "levels": p.levels, "codebook_size": p.codebook_size, "latent_dim": p.latent_dim,
         "window": window,
