@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup repro test flow
+.PHONY: setup repro test flow replay
 
 setup: $(STAMP)
 
@@ -29,3 +29,7 @@ test: setup
 
 flow: setup
 	python -m flows.daily
+
+# The loop on a simulated clock: 120 days of the default world across the April codebook refresh.
+replay: setup
+	semid replay --start 2026-02-20 --days 120

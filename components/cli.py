@@ -241,6 +241,59 @@ def show_serving() -> None:
     typer.echo(json.dumps(dataclasses.asdict(live), indent=2))
 
 
+runs_app = typer.Typer(no_args_is_help=True, help="The records of flow runs (runs/): list, show, reproduce.")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+@stage
+def runs_list() -> None:
+    """One line per recorded run, oldest first: id, flow, status, as_of, commit, drift verdict, NE."""
+    from flows.records import list_runs
+
+    for r in list_runs(Path.cwd()):
+        drift, ranker = r["metrics"].get("drift", {}), r["metrics"].get("ranker", {})
+        verdict = ("OK", "WARN", "ALERT")[drift["verdict"]] if "verdict" in drift else "-"
+        ne = ranker.get("ne", {}).get("all")
+        typer.echo(f"{r['run_id']:<34} {r['flow']:<16} {r['status']:<9} as of {r['as_of']}  "
+                   f"{r['code_version'][:12]}  drift {verdict:<5}  NE {ne if ne is None else round(ne, 4)}")
+
+
+@runs_app.command("show")
+@stage
+def runs_show(run_id: Annotated[str, typer.Argument(help="A run id (or a unique prefix) from `semid runs list`.")],
+              full: Annotated[bool, typer.Option("--full", help="Also print params.yaml and both dvc.lock files.")]
+              = False) -> None:
+    """Print a run's record: code commit, effective params, seconds by task, metrics (and with --full the
+    params file and dvc.lock it ran with)."""
+    from flows.records import load_run
+
+    record = load_run(Path.cwd(), run_id)
+    if not full:
+        record = {k: v for k, v in record.items() if k not in ("params_yaml", "dvc_lock_before", "dvc_lock")}
+    typer.echo(json.dumps(record, indent=2))
+
+
+@runs_app.command("reproduce")
+@stage
+def runs_reproduce(
+    run_id: Annotated[str, typer.Argument(help="A run id (or a unique prefix) from `semid runs list`.")],
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="Where to clone (default: a temp dir).")] = None,
+) -> None:
+    """Re-run a recorded daily run in a clone at its commit, from the state it started from, and compare every
+    output hash with the record's; exit 1 when any differs."""
+    from flows.daily import DAILY_STAGES
+    from flows.records import reproduce
+
+    result = reproduce(Path.cwd(), run_id, list(DAILY_STAGES), workdir)
+    for path, c in result["outputs"].items():
+        mark = "same" if c["same"] else ("noisy" if path not in result["different"] else "DIFFERENT")
+        typer.echo(f"{mark:<9} {path}  {c['recorded']}  {c['reproduced']}")
+    typer.echo(json.dumps({k: result[k] for k in ("run_id", "commit", "dirty", "workdir", "identical")}))
+    if not result["identical"]:
+        raise SemidError(f"run {result['run_id']}: {', '.join(result['different'])} differ from the record")
+
+
 # The spellings of release 0.1, kept for one release: `semid rqvae train` and `semid ranker train`.
 rqvae_app = typer.Typer(hidden=True, help="Deprecated: use `semid train_rqvae`.")
 ranker_app = typer.Typer(hidden=True, help="Deprecated: use `semid train_ranker`.")

@@ -9,6 +9,7 @@ train_ranker  trains a challenger when one is due (ranker.retrain_every_days) an
               only when it wins
 
 Every stage runs as of the day after the last landed events day (loop.as_of null), so landing sets the clock.
+Each run writes runs/<run_id>.json (flows/records.py): `semid runs list | show RUN | reproduce RUN`.
 Run it locally on the ephemeral API:  python -m flows.daily [--as-of YYYY-MM-DD]
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.runtime import flow_run
 
 from components.data.landing import land
 from components.storage import Layout
+from flows import records
 from flows.stages import REPO, run_stage
 
 DAILY_STAGES = ("validate", "embed", "train_rqvae", "backfill", "drift", "train_ranker")
@@ -41,11 +44,19 @@ def land_day(repo: Path, as_of: dt.date) -> float:
 @flow(name="semid-daily", log_prints=True)
 def daily(repo: str = str(REPO), as_of: dt.date | None = None) -> dict[str, float]:
     """One day of the loop; returns the seconds of each task, land first. A failing stage fails the flow and
-    later stages do not run."""
+    later stages do not run. Either way the run leaves its record in runs/ (flows/records.py)."""
     root = Path(repo)
-    seconds = {"land": land_day(root, as_of) if as_of is not None else run_stage("generate", root)}
-    for stage in DAILY_STAGES:
-        seconds[stage] = run_stage(stage, root)
+    run_id = f"daily-{as_of or dt.date.today()}-{flow_run.get_id()[:8]}"
+    record = records.begin(root, "semid-daily", run_id, as_of)
+    seconds = {}
+    try:
+        seconds["land"] = land_day(root, as_of) if as_of is not None else run_stage("generate", root)
+        for stage in DAILY_STAGES:
+            seconds[stage] = run_stage(stage, root)
+    except BaseException:
+        records.finish(root, record, "Failed", seconds)
+        raise
+    records.finish(root, record, "Completed", seconds)
     return seconds
 
 

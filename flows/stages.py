@@ -18,6 +18,7 @@ import yaml
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.events import emit_event
 
 from components.monitoring.page import markdown as drift_markdown
 
@@ -88,6 +89,18 @@ def repro(stage: str, repo: Path, force: bool = False, env: dict[str, str] | Non
     raise StageFailed(f"stage {stage!r} failed (exit {proc.returncode}):\n{tail}")
 
 
+def announce_verdict(summary: dict, repo: Path) -> None:
+    """Emit the event semid.drift.verdict that the drift-alert automation (infra/prefect/automations.yaml) matches;
+    triggers match resource labels, not payloads, so the verdict is a label."""
+    emit_event(event="semid.drift.verdict",
+               resource={"prefect.resource.id": "semid.drift", "semid.drift.verdict": summary["verdict"]},
+               payload={"verdict": summary["verdict"], "as_of": summary["as_of"],
+                        "codebook_version": summary["codebook_version"],
+                        "alerts": sorted(name for name, check in summary["checks"].items()
+                                         if check["status"] == "ALERT"),
+                        "page": str(repo / DRIFT_PAGE)})
+
+
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NONE, retries=len(RETRY_DELAYS_S),
       retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=transient, timeout_seconds=STAGE_TIMEOUT_S + 60)
 def run_stage(stage: str, repo: Path, force: bool = False, env: dict[str, str] | None = None) -> float:
@@ -106,4 +119,5 @@ def run_stage(stage: str, repo: Path, force: bool = False, env: dict[str, str] |
         summary = json.loads((repo / DRIFT_SUMMARY).read_text())
         create_markdown_artifact(key="drift-verdict", markdown=drift_markdown(summary),
                                  description=f"verdict {summary['verdict']}: {DRIFT_SUMMARY}, page {DRIFT_PAGE}")
+        announce_verdict(summary, repo)
     return time.perf_counter() - started

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from test_pipeline import repo  # noqa: F401  (the fixture: this repo's pipeline on a small world)
 
@@ -32,15 +33,9 @@ SERVER_START_S = 120  # 2 busy cores: the server is healthy after about 8 s when
 WORKER_S = 600  # a worker's --run-once returns when its flow run ends; the small-world day takes 1-2 min
 WEBHOOK_S = 60  # events -> triggers -> actions -> the webhook: a few seconds
 DEPLOYMENTS = ("semid-daily", "semid-codebook-refresh", "semid-ranker-retrain")  # each named like its flow
-# What flows/stages.py emits after the drift stage, word for word: `summary` is reports/drift/summary.json.
-EMIT_DRIFT_VERDICT = """
-import json, sys
-from pathlib import Path
-from prefect.events import emit_event
-from flows.stages import DRIFT_PAGE
-summary, repo = json.loads(sys.argv[1]), Path(sys.argv[2])
-emit_event(event="semid.drift.verdict", resource={"prefect.resource.id": "semid.drift", "semid.drift.verdict": summary["verdict"]}, payload={"verdict": summary["verdict"], "as_of": summary["as_of"], "codebook_version": summary["codebook_version"], "alerts": sorted(name for name, check in summary["checks"].items() if check["status"] == "ALERT"), "page": str(repo / DRIFT_PAGE)})
-"""
+# What the drift task does with reports/drift/summary.json (argv[1]) of a workspace (argv[2]).
+ANNOUNCE_VERDICT = ("import json, sys; from pathlib import Path; from flows.stages import announce_verdict; "
+                    "announce_verdict(json.loads(sys.argv[1]), Path(sys.argv[2]))")
 
 
 def free_port() -> int:
@@ -66,17 +61,20 @@ class Prefect:
     def __init__(self, api_url: str, env: dict[str, str]):
         self.api_url, self.env = api_url, env
 
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
-        proc = subprocess.Popen([str(BIN / "prefect"), *args], cwd=REPO, env={**self.env, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+    def command(self, cmd: list[str], env: dict[str, str] | None = None, timeout: float = 120) -> str:
+        """Run a client of this server in this checkout; its output, once it has exited 0."""
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(proc)
-            raise AssertionError(f"prefect {' '.join(args)} ran past {timeout} s") from None
-        assert proc.returncode == 0, f"prefect {' '.join(args)} exited {proc.returncode}:\n{output}"
+            raise AssertionError(f"{cmd} ran past {timeout} s") from None
+        assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{output}"
         return output
+
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> str:
+        return self.command([str(BIN / "prefect"), *args], env, timeout)
 
     def run_deployment(self, name: str, parameters: dict) -> str:
         """`prefect deployment run`; the new flow run's id."""
@@ -93,9 +91,9 @@ class Prefect:
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}), get_client(sync_client=True) as client:
             yield client
 
-    def state(self, flow_run_id: str) -> str:
+    def state(self, flow_run_id: str) -> State:
         with self.client() as client:
-            return client.read_flow_run(flow_run_id).state.name
+            return client.read_flow_run(flow_run_id).state
 
 
 @pytest.fixture(scope="module")
@@ -204,39 +202,39 @@ def test_deployments_carry_schedules_pools_and_one_run_at_a_time(deployed):
 def test_daily_deployment_runs_the_day_on_a_process_worker(deployed, repo):  # noqa: F811
     flow_run = deployed.run_deployment("semid-daily/semid-daily", {"repo": str(repo)})
     log = deployed.work_once("semid-process")
-    assert deployed.state(flow_run) == "Completed", log
+    assert deployed.state(flow_run).name == "Completed", log
     for output in ("metrics/ranker.json", "reports/drift/summary.json", "models/serving.json"):
         assert (repo / output).is_file(), output
+    records = [json.loads(p.read_text()) for p in (repo / "runs").glob("daily-*.json")]  # the run's record
+    assert [(r["status"], r["flow"]) for r in records] == [("Completed", "semid-daily")]
+    assert records[0]["metrics"]["ranker"]["ne"]["all"] > 0 and "train_ranker" in records[0]["dvc_lock"]
     serving = (repo / "models" / "serving.json").read_text()
     # The GPU pool's deployment runs the same stage on its own: up to date here, so the champion stays.
     flow_run = deployed.run_deployment("semid-ranker-retrain/semid-ranker-retrain", {"repo": str(repo)})
     log = deployed.work_once("gpu")
-    assert deployed.state(flow_run) == "Completed", log
+    assert deployed.state(flow_run).name == "Completed", log
     assert (repo / "models" / "serving.json").read_text() == serving
 
 
 def test_a_failed_run_and_a_drift_alert_post_to_the_webhook(deployed, webhook, tmp_path):
-    applied = subprocess.run([sys.executable, "infra/prefect/apply.py", "--webhook-url", webhook.url], cwd=REPO,
-                             env=deployed.env, capture_output=True, text=True, timeout=120)
-    assert applied.returncode == 0, applied.stdout + applied.stderr
-    assert "automation 'semid-run-failed'" in applied.stdout and "automation 'semid-drift-alert'" in applied.stdout
+    applied = deployed.command([sys.executable, "infra/prefect/apply.py", "--webhook-url", webhook.url])
+    assert "automation 'semid-run-failed'" in applied and "automation 'semid-drift-alert'" in applied
 
-    not_a_workspace = tmp_path / "empty"  # no dvc.yaml: the first stage fails, so does the run
+    not_a_workspace = tmp_path / "empty"  # no params.yaml, no dvc.yaml: the daily flow fails there
     not_a_workspace.mkdir()
     flow_run = deployed.run_deployment("semid-daily/semid-daily", {"repo": str(not_a_workspace)})
     log = deployed.work_once("semid-process")
-    assert deployed.state(flow_run) == "Failed", log
+    failed = deployed.state(flow_run)
+    assert failed.name == "Failed", log
     post = webhook.wait_for(lambda post: post.get("flow_run_id") == flow_run)
     assert post["deployment"] == "semid-daily" and post["state"] == "Failed"
-    assert "stage 'generate' failed" in post["text"]
+    assert post["text"].startswith("semid: semid-daily run ") and failed.message in post["text"]
 
     checks = {"semid_prefix_shift": {"status": "WARN"}, "raw_id_churn": {"status": "ALERT"}}
     for verdict in ("OK", "ALERT"):  # OK first: it must not post
         summary = {"verdict": verdict, "as_of": "2026-03-02", "codebook_version": "5081a8755cd5f86e",
                    "checks": checks if verdict == "ALERT" else {}}
-        emitted = subprocess.run([sys.executable, "-c", EMIT_DRIFT_VERDICT, json.dumps(summary), str(tmp_path)],
-                                 cwd=REPO, env=deployed.env, capture_output=True, text=True, timeout=120)
-        assert emitted.returncode == 0, emitted.stderr
+        deployed.command([sys.executable, "-c", ANNOUNCE_VERDICT, json.dumps(summary), str(tmp_path)])
     post = webhook.wait_for(lambda post: "verdict" in post)
     assert post["verdict"] == "ALERT" and post["alerts"] == ["raw_id_churn"] and post["as_of"] == "2026-03-02"
     assert str(tmp_path / "reports" / "drift" / "summary.html") in post["text"]

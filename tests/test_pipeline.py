@@ -28,24 +28,32 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    """This repo's pipeline files in a fresh git repo, with params.yaml shrunk to a small world."""
+def pipeline_repo(root: Path, world: dict, **overrides: dict) -> Path:
+    """This repo's pipeline files in a fresh git repo at `root`, params.yaml shrunk to fast models and the
+    `world` given; `overrides` update further params sections."""
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, tmp_path / name)
-    shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "tmp*"))
-    shutil.copytree(REPO / "components", tmp_path / "components", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "tmp*"))
+    shutil.copytree(REPO / "components", root / "components", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["world"].update(SMALL_WORLD)
+    params["world"].update(world)
     params["embed"].update(FAST_EMBED)
     params["rqvae"].update(FAST_RQVAE)
     params["ranker"].update(FAST_RANKER)
     params["ranker"]["history"]["length"] = 8
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], tmp_path)
-    run(["git", "add", "-A"], tmp_path)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], tmp_path)
-    return tmp_path
+    for section, values in overrides.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """This repo's pipeline on a small world, in a fresh git repo."""
+    return pipeline_repo(tmp_path, SMALL_WORLD)
 
 
 def test_dvc_repro_caches_and_reports_metrics(repo):

@@ -2,17 +2,16 @@
 through the real daily flow, DVC stages and Prefect (ephemeral API)."""
 import datetime as dt
 import json
-import shutil
+import os
 import subprocess
 import sys
 
 import polars as pl
 import pytest
 import torch
-import yaml
 
 from components.storage import Layout
-from test_pipeline import FAST_EMBED, FAST_RANKER, FAST_RQVAE, REPO, run
+from test_pipeline import BIN, pipeline_repo
 
 pytestmark = pytest.mark.integration
 START, DAYS, BOUNDARY = dt.date(2026, 3, 29), 5, dt.date(2026, 4, 1)
@@ -22,26 +21,20 @@ WORLD = {"start": "2026-02-15", "days": 50, "active_items": 200, "impressions_pe
 @pytest.fixture(scope="module")
 def replayed(tmp_path_factory) -> tuple[Layout, pl.DataFrame, subprocess.CompletedProcess]:
     """A fresh git repo of this pipeline replayed from START for DAYS days."""
-    root = tmp_path_factory.mktemp("replay")
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / ".dvc", root / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "tmp*"))
-    shutil.copytree(REPO / "components", root / "components", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["world"].update(WORLD)
-    params["embed"].update(FAST_EMBED)
-    params["rqvae"].update(FAST_RQVAE)
-    params["ranker"].update(FAST_RANKER)
-    params["ranker"]["history"]["length"] = 8
     # The switch after a refresh must not hinge on a few hundred clicks of a toy world: any challenger wins.
-    params["ranker"]["promotion"]["max_ne_regression"] = 1.0
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
-    proc = run([sys.executable, "-m", "components.cli", "replay", "--start", START.isoformat(), "--days", str(DAYS)],
-               root)
+    root = pipeline_repo(tmp_path_factory.mktemp("replay"), WORLD, ranker={"promotion": {"max_ne_regression": 1.0}})
+    proc = semid(root, "replay", "--start", START.isoformat(), "--days", str(DAYS))
     return Layout(root), pl.read_csv(root / "reports" / "loop" / "timeline.csv"), proc
+
+
+def semid(root, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`semid ...` in `root`, running that checkout's code (as an editable install there would)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "components.cli", *args], cwd=root, capture_output=True, text=True,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"semid {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
 
 
 def test_one_refresh_on_the_boundary_day_and_one_codebook_before_it(replayed):
@@ -85,3 +78,27 @@ def test_the_timeline_page_draws_the_series(replayed):
     page = (layout.reports / "loop" / "timeline.html").read_text()
     assert "data:image/png;base64," in page and "When serving moved to another codebook" in page
     assert BOUNDARY.isoformat() in page
+
+
+def test_every_day_left_a_run_record_to_list_and_show(replayed):
+    layout, timeline, _ = replayed
+    lines = semid(layout.root, "runs", "list").stdout.strip().splitlines()
+    assert len(lines) == DAYS and all(" Completed " in line for line in lines)
+    boundary = next(line.split()[0] for line in lines if f"as of {BOUNDARY}" in line)
+    record = json.loads(semid(layout.root, "runs", "show", boundary).stdout)
+    assert record["params"]["loop"]["as_of"] == BOUNDARY.isoformat() and record["landed"]["as_of"] == str(BOUNDARY)
+    assert set(record["seconds"]) == {"land", "validate", "embed", "train_rqvae", "backfill", "drift", "train_ranker"}
+    assert record["metrics"]["rqvae"]["refreshed"] == 1 and len(record["code_version"]) >= 40
+
+
+def test_a_recorded_run_reproduces_with_identical_output_hashes(replayed, tmp_path):
+    """The refresh day: new codebook, full backfill into a new store, a challenger on it, the switch."""
+    layout, _, _ = replayed
+    boundary = next(r.split()[0] for r in semid(layout.root, "runs", "list").stdout.splitlines()
+                    if f"as of {BOUNDARY}" in r)
+    proc = semid(layout.root, "runs", "reproduce", boundary, "--workdir", str(tmp_path / "again"), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["identical"] is True and summary["dirty"] is False
+    same = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("same")]
+    assert {"models/rqvae", "data/semids", "models/ranker", "models/serving.json", "metrics/ranker.json"} <= set(same)

@@ -1,8 +1,9 @@
 """The loop over time (reports/loop/timeline.csv and timeline.html): one row per simulated day of `semid replay`.
 
 row     as_of, what serves (codebook_version, store_version, champion from models/serving.json), whether the
-        codebook was refreshed and the ranker retrained that day, the drift verdict and SemID coverage, the
-        serving ranker's NE (all items, new items), the day's wall seconds and seconds by task
+        codebook was refreshed and the ranker retrained that day, the drift verdict and SemID coverage, NE on all
+        and on new items of the day's ranker (the challenger when one was trained, else the champion), the
+        day's wall seconds and seconds by task
 page    the series as plots, codebook versions shaded and refreshes marked, so a reader sees at a glance when
         the codebook moved and what it did to NE and drift
 """
@@ -90,7 +91,7 @@ def plots(frame: pl.DataFrame) -> str:
                 ax.axvline(day, color="#b3261e", linestyle="--", linewidth=1)
     axes[0].plot(days, frame["ne_all"].to_list(), marker=".", label="NE, all items", color="#1a5fb4")
     axes[0].plot(days, frame["ne_new"].to_list(), marker=".", label="NE, new items", color="#6a9fdc")
-    axes[0].set_ylabel("serving ranker NE\n(lower is better)")
+    axes[0].set_ylabel("NE of the day's ranker\n(lower is better)")
     verdict = {"OK": 0, "WARN": 1, "ALERT": 2}
     axes[1].step(days, [verdict[v] for v in frame["drift_verdict"].to_list()], where="mid", color="#b26a00",
                  label="drift verdict")
