@@ -93,7 +93,7 @@ class RQVAEParams:
     dead_code_restart: bool = True
     restart_every: int = 100
     min_utilization: float = 0.9
-    max_collision_rate: float = 0.1
+    max_collision_rate: float = 0.15
     refresh_months: tuple[int, ...] = (1, 4, 7, 10)  # a new codebook when as_of crosses day 1 of these months
     refresh_on_drift: bool = False  # also when the last drift verdict has codebook_fit at ALERT
 
