@@ -9,6 +9,7 @@ page    the series as plots, codebook versions shaded and refreshes marked, so a
 """
 from __future__ import annotations
 
+import datetime as dt
 import html
 import json
 from pathlib import Path
@@ -19,8 +20,7 @@ from components import serving
 from components.monitoring.page import png
 from components.storage import Layout, write_text
 
-COLUMNS = ("as_of", "codebook_version", "store_version", "champion", "refreshed", "ranker_retrained",
-           "drift_verdict", "semid_coverage", "ne_all", "ne_new", "seconds")
+HALF_DAY = dt.timedelta(hours=12)
 
 
 def read_json(path: Path) -> dict:
@@ -72,15 +72,15 @@ def plots(frame: pl.DataFrame) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    days = frame["as_of"].str.to_date().to_list()
+    days = frame["as_of"].str.to_datetime("%Y-%m-%d").to_list()  # datetimes: the half-day span edges
     fig, axes = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True)
     versions = frame["codebook_version"].fill_null("none").to_list()
     start = 0
     shades = ("#e8eef8", "#f6efe2")
     for i in range(1, len(versions) + 1):
         if i == len(versions) or versions[i] != versions[start]:
-            for ax in axes:
-                ax.axvspan(days[start], days[i - 1], color=shades[len(set(versions[:start]))  % 2], alpha=1,
+            for ax in axes:  # each day's bar or point sits mid-span: half a day either side
+                ax.axvspan(days[start] - HALF_DAY, days[i - 1] + HALF_DAY, color=shades[len(set(versions[:start])) % 2],
                            zorder=0)
             axes[0].annotate(f"codebook {versions[start][:8]}", (days[start], 1.0), xycoords=("data", "axes fraction"),
                              fontsize=7, va="top")
@@ -111,7 +111,7 @@ def plots(frame: pl.DataFrame) -> str:
 
 
 def render(frame: pl.DataFrame) -> str:
-    switches = frame.filter(pl.col("codebook_version") != pl.col("codebook_version").shift(1))
+    switches = frame.filter(pl.col("codebook_version").ne_missing(pl.col("codebook_version").shift(1)))
     rows = "".join(f"<tr><td>{html.escape(str(r['as_of']))}</td><td>{html.escape(str(r['codebook_version']))}</td>"
                    f"<td>{html.escape(str(r['champion']))}</td></tr>" for r in switches.iter_rows(named=True))
     last = frame.row(-1, named=True)
