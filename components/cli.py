@@ -280,12 +280,11 @@ def runs_reproduce(
     run_id: Annotated[str, typer.Argument(help="A run id (or a unique prefix) from `semid runs list`.")],
     workdir: Annotated[Path | None, typer.Option("--workdir", help="Where to clone (default: a temp dir).")] = None,
 ) -> None:
-    """Re-run a recorded daily run in a clone at its commit, from the state it started from, and compare every
+    """Re-run a recorded flow run in a clone at its commit, from the state it started from, and compare every
     output hash with the record's; exit 1 when any differs."""
-    from flows.daily import DAILY_STAGES
     from flows.records import reproduce
 
-    result = reproduce(Path.cwd(), run_id, list(DAILY_STAGES), workdir)
+    result = reproduce(Path.cwd(), run_id, workdir)
     for path, c in result["outputs"].items():
         mark = "same" if c["same"] else ("noisy" if path not in result["different"] else "DIFFERENT")
         typer.echo(f"{mark:<9} {path}  {c['recorded']}  {c['reproduced']}")

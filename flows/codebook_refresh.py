@@ -19,18 +19,20 @@ from pathlib import Path
 from prefect import flow
 
 from components.storage import Layout
-from flows.stages import REPO, run_stage
+from flows import records
+from flows.stages import FORCE_ENV, REPO, run_stage
 
-FORCE_ENV = "SEMID_FORCE_REFRESH"  # read by `semid train_rqvae` as its --force
+REFRESH_STAGES = ("train_rqvae", "backfill", "train_ranker")
 
 
 @flow(name="semid-codebook-refresh", log_prints=True)
 def codebook_refresh(repo: str = str(REPO), force: bool = True) -> dict:
     """Refresh the codebook and switch serving when the new triple wins; returns what serves afterwards."""
     root = Path(repo)
-    run_stage("train_rqvae", root, force=force, env={FORCE_ENV: "1"} if force else None)
-    run_stage("backfill", root)
-    run_stage("train_ranker", root)
+    with records.recorded(root, "semid-codebook-refresh", list(REFRESH_STAGES), force_refresh=force) as seconds:
+        for stage in REFRESH_STAGES:
+            forced = force and stage == "train_rqvae"
+            seconds[stage] = run_stage(stage, root, force=forced, env={FORCE_ENV: "1"} if forced else None)
     return json.loads(Layout(root).serving.read_text())
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from prefect.runtime import flow_run
 
 from components.data.landing import land
 from components.storage import Layout
@@ -46,17 +45,11 @@ def daily(repo: str = str(REPO), as_of: dt.date | None = None) -> dict[str, floa
     """One day of the loop; returns the seconds of each task, land first. A failing stage fails the flow and
     later stages do not run. Either way the run leaves its record in runs/ (flows/records.py)."""
     root = Path(repo)
-    run_id = f"daily-{as_of or dt.date.today()}-{flow_run.get_id()[:8]}"
-    record = records.begin(root, "semid-daily", run_id, as_of)
-    seconds = {}
-    try:
+    stages = list(DAILY_STAGES) if as_of is not None else ["generate", *DAILY_STAGES]
+    with records.recorded(root, "semid-daily", stages, landed_as_of=as_of) as seconds:
         seconds["land"] = land_day(root, as_of) if as_of is not None else run_stage("generate", root)
         for stage in DAILY_STAGES:
             seconds[stage] = run_stage(stage, root)
-    except BaseException:
-        records.finish(root, record, "Failed", seconds)
-        raise
-    records.finish(root, record, "Completed", seconds)
     return seconds
 
 

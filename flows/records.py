@@ -14,15 +14,18 @@ and the ranker's record.json (its throughput timings).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from prefect.runtime import flow_run
 
 from components import provenance
 from components.data.landing import land
@@ -31,7 +34,7 @@ from components.errors import DataError
 from components.params import load_params
 from components.storage import Layout, write_json
 from components.window import data_span
-from flows.stages import repro
+from flows.stages import FORCE_ENV, repro
 
 NOISY_OUTPUTS = ("reports/drift/report.html", "reports/ranker/record.json")
 
@@ -53,16 +56,33 @@ def uncached_outputs(root: Path) -> list[str]:
                   and next(iter(entry.values())).get("cache") is False)
 
 
-def begin(root: Path, flow: str, run_id: str, landed_as_of: dt.date | None) -> dict:
+def begin(root: Path, flow: str, run_id: str, stages: list[str], landed_as_of: dt.date | None,
+          force_refresh: bool) -> dict:
     """The part of a record known before the stages run."""
     root = Path(root)
     params_yaml = (root / "params.yaml").read_text()
     return {"run_id": run_id, "flow": flow, "status": "Running",
             "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "code_version": provenance.code_version(), "params_yaml": params_yaml,
+            "stages": stages, "force_refresh": force_refresh,
             "landed": {"as_of": landed_as_of.isoformat()} if landed_as_of else None,
             "dvc_lock_before": read_text(root / "dvc.lock"),
             "uncached_before": {path: read_text(root / path) for path in uncached_outputs(root)}}
+
+
+@contextlib.contextmanager
+def recorded(root: Path, flow: str, stages: list[str], landed_as_of: dt.date | None = None,
+             force_refresh: bool = False) -> Iterator[dict[str, float]]:
+    """Record the flow run around the block, Completed or Failed; the block fills in the seconds by task."""
+    run_id = f"{flow.removeprefix('semid-')}-{landed_as_of or dt.date.today()}-{flow_run.get_id()[:8]}"
+    record = begin(root, flow, run_id, stages, landed_as_of, force_refresh)
+    seconds: dict[str, float] = {}
+    try:
+        yield seconds
+    except BaseException:
+        finish(root, record, "Failed", seconds)
+        raise
+    finish(root, record, "Completed", seconds)
 
 
 def finish(root: Path, record: dict, status: str, seconds: dict[str, float]) -> Path:
@@ -104,7 +124,10 @@ def output_hashes(lock_text: str | None) -> dict[str, str]:
 
 
 def git(*args: str, cwd: Path) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode:
+        raise DataError(f"git {' '.join(args)} in {cwd} failed: {proc.stderr.strip()[-400:]}")
+    return proc.stdout.strip()
 
 
 def dvc(*args: str, cwd: Path) -> None:
@@ -113,7 +136,7 @@ def dvc(*args: str, cwd: Path) -> None:
         raise DataError(f"dvc {' '.join(args)} in {cwd} failed: {(proc.stdout + proc.stderr).strip()[-800:]}")
 
 
-def reproduce(root: Path, run_id: str, stages: list[str], workdir: Path | None = None) -> dict:
+def reproduce(root: Path, run_id: str, workdir: Path | None = None) -> dict:
     """Re-run record `run_id` in a clone and compare every output hash; returns the comparison."""
     root = Path(root).resolve()
     record = load_run(root, run_id)
@@ -139,10 +162,11 @@ def reproduce(root: Path, run_id: str, stages: list[str], workdir: Path | None =
     if record["landed"]:
         run_generate(load_params(work / "params.yaml").world, layout, into=layout.stream)
         land(layout.stream, layout.raw, dt.date.fromisoformat(record["landed"]["as_of"]))
-    else:
+    elif "generate" in record["stages"]:
         repro("generate", work, env=code)
-    for stage in stages:
-        repro(stage, work, env=code)
+    for stage in (s for s in record["stages"] if s != "generate"):
+        force = record["force_refresh"] and stage == "train_rqvae"
+        repro(stage, work, force=force, env={**code, FORCE_ENV: "1"} if force else code)
     recorded, found = output_hashes(record["dvc_lock"]), output_hashes(read_text(work / "dvc.lock"))
     compared = {path: {"recorded": md5, "reproduced": found.get(path), "same": found.get(path) == md5}
                 for path, md5 in sorted(recorded.items())}

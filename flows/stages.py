@@ -27,6 +27,7 @@ DRIFT_SUMMARY, DRIFT_PAGE = "reports/drift/summary.json", "reports/drift/summary
 LOCK_MESSAGE = "Unable to acquire lock"  # what dvc prints when another dvc process holds the workspace
 STAGE_TIMEOUT_S = 3600  # the longest a stage may run: a hung run frees the workspace for the next
 RETRY_DELAYS_S = [15, 60, 240]  # backoff while another run holds the DVC lock
+FORCE_ENV = "SEMID_FORCE_REFRESH"  # read by `semid train_rqvae` as its --force
 
 
 class StageFailed(RuntimeError):

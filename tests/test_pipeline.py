@@ -218,3 +218,28 @@ def test_a_run_while_another_holds_the_workspace_waits_its_turn_or_is_refused_by
 
     assert validate_again() > 0
     assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] == 1
+
+
+def test_codebook_refresh_flow_forces_a_refresh_and_records_a_reproducible_run(repo):
+    """On an unchanged window a forced refresh retrains the same codebook bit for bit: nothing switches."""
+    # The copy's code runs (its commit is what the record names), as an editable install there would.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(repo)}
+    subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True)
+    serving = (repo / "models" / "serving.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "flows.codebook_refresh", "--repo", str(repo)], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == json.loads(serving)
+    rqvae = json.loads((repo / "reports" / "rqvae" / "record.json").read_text())
+    assert rqvae["refresh_reason"] == "forced (--force)" and rqvae["replaced"] is None
+    assert (repo / "models" / "serving.json").read_bytes() == serving
+    semid = [sys.executable, "-m", "components.cli", "runs"]
+    listed = subprocess.run([*semid, "list"], cwd=repo, capture_output=True, text=True, env=env, check=True).stdout
+    run_id = listed.split()[0]
+    assert run_id.startswith("codebook-refresh-") and " Completed " in listed
+    record = json.loads(subprocess.run([*semid, "show", run_id], cwd=repo, capture_output=True, text=True, env=env,
+                                       check=True).stdout)
+    assert record["stages"] == ["train_rqvae", "backfill", "train_ranker"] and record["force_refresh"] is True
+    again = subprocess.run([*semid, "reproduce", run_id], cwd=repo, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1])["identical"] is True, \
+        again.stdout + again.stderr
