@@ -1,12 +1,17 @@
 """Where every artifact lives, and how it is written: always to a temporary name, then renamed into place,
-so a crash never leaves a half-written file or directory behind."""
+so a crash never leaves a half-written file or directory behind. Every S3 request goes through `S3` below:
+botocore retries transient faults (adaptive mode), each upload is verified by its SHA256 checksum, and a
+request that fails for good raises StorageError naming the operation and the URL."""
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -16,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.errors import DataError
+from components.errors import DataError, SemidError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +150,21 @@ class Layout:
         return self.root / "reports"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: done once, at import, before any threads
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
+    """An empty file beside `path`, with the mode a plain open() would give it: mkstemp makes 0600, which a
+    report server or a worker running as another user could not read once it is renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     return Path(name)
 
@@ -228,6 +245,7 @@ def staged_dir(path: Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700; the directory gets the mode mkdir would give it
     try:
         yield tmp
     except BaseException:
@@ -239,3 +257,123 @@ def staged_dir(path: Path) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------- S3
+
+S3_URL = re.compile(r"s3://(?P<bucket>[^/]+)/(?P<prefix>[^/].*?)/*")
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3 naming rules: 3-63 characters
+# botocore retries 503 SlowDown, throttling and dropped connections with jittered backoff; the standard
+# AWS_RETRY_MODE and AWS_MAX_ATTEMPTS settings override these defaults.
+RETRY_MODE, MAX_ATTEMPTS = "adaptive", 10
+PART_BYTES = 8 * 1024 * 1024  # multipart threshold and part size: fixed, so the composite checksum is predictable
+
+
+class StorageError(SemidError):
+    """An S3 location is malformed, or a request failed for good (after botocore's retries)."""
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix) of s3://bucket/prefix, checked before anything touches the network."""
+    match = S3_URL.fullmatch(url)
+    if not match:
+        raise StorageError(f"{url!r}: expected an S3 location s3://bucket/prefix (a prefix is required)")
+    bucket, prefix = match["bucket"], match["prefix"]
+    if not BUCKET.fullmatch(bucket):
+        raise StorageError(f"{url!r}: bucket name {bucket!r} is invalid, expected 3-63 characters of lower-case "
+                           f"letters, digits, dots and hyphens, starting and ending with a letter or digit")
+    return bucket, prefix
+
+
+def s3_checksum(path: Path) -> str:
+    """The ChecksumSHA256 S3 stores for `path` uploaded in PART_BYTES parts (base64, as S3 reports it): the
+    file's SHA256, or for a multipart upload the SHA256 of its parts' SHA256s and the part count."""
+    with Path(path).open("rb") as fh:
+        parts = [hashlib.sha256(chunk).digest() for chunk in iter(lambda: fh.read(PART_BYTES), b"")]
+    if Path(path).stat().st_size < PART_BYTES:
+        return base64.b64encode(parts[0] if parts else hashlib.sha256(b"").digest()).decode()
+    return f"{base64.b64encode(hashlib.sha256(b''.join(parts)).digest()).decode()}-{len(parts)}"
+
+
+def sha256_of(path: Path) -> str:
+    with Path(path).open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+class S3:
+    """One S3 client for every request semid makes. Credentials, region and endpoint come from the standard AWS
+    chain (AWS_ENDPOINT_URL_S3 included); `endpoint_url` overrides the endpoint for S3-compatible stores."""
+
+    def __init__(self, endpoint_url: str | None = None):
+        import boto3  # heavy: only S3 users pay for it
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        retries = {"mode": os.environ.get("AWS_RETRY_MODE", RETRY_MODE),
+                   "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", MAX_ATTEMPTS))}
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(retries=retries))
+        self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES)
+
+    @contextlib.contextmanager
+    def request(self, operation: str, bucket: str, key: str) -> Iterator[None]:
+        """Turn a failed request (retries spent) into a StorageError that says what was tried, where, and why."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (ClientError, BotoCoreError, Boto3Error) as exc:
+            inner = exc.__cause__ or exc.__context__  # upload_file raises its own error while handling S3's
+            cause = inner if isinstance(inner, ClientError) else exc
+            reason = str(exc)
+            if isinstance(cause, ClientError):
+                error = cause.response.get("Error", {})
+                attempts = cause.response.get("ResponseMetadata", {}).get("RetryAttempts", 0) + 1
+                reason = f"{error.get('Code', '?')}: {error.get('Message', cause)} (after {attempts} attempt(s))"
+            raise StorageError(f"{operation} s3://{bucket}/{key} failed: {reason}") from None
+
+    def upload(self, path: Path, bucket: str, key: str) -> None:
+        """Upload a file, then check that S3 stored exactly its bytes (the SHA256 checksum S3 computed on
+        arrival, or the bytes read back where a store keeps no checksum)."""
+        expected = s3_checksum(path)
+        with self.request("upload", bucket, key):
+            self.client.upload_file(str(path), bucket, key, ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                                    Config=self.transfer)
+        with self.request("verify (HeadObject)", bucket, key):
+            found = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
+        if found is None:  # an S3-compatible store without checksums: read it back
+            found, expected = self.sha256_of_object(bucket, key), sha256_of(path)
+        if found.split("-")[0] != expected.split("-")[0]:
+            raise StorageError(f"verify s3://{bucket}/{key}: stored checksum {found}, expected {expected} "
+                               f"of {path}")
+
+    def sha256_of_object(self, bucket: str, key: str) -> str:
+        digest = hashlib.sha256()
+        with self.request("read back (GetObject)", bucket, key):
+            for chunk in self.client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(PART_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def download(self, bucket: str, key: str, path: Path, sha256: str) -> None:
+        """Download to `path` atomically, refusing (DataError, nothing left behind) bytes whose sha256 differs."""
+        with atomic_path(path) as tmp:
+            with self.request("download", bucket, key):
+                self.client.download_file(bucket, key, str(tmp), Config=self.transfer)
+            found = sha256_of(tmp)
+            if found != sha256:
+                raise DataError(f"s3://{bucket}/{key}: sha256 {found}, expected {sha256} (corrupt or overwritten)")
+
+    def put_json(self, obj: object, bucket: str, key: str) -> None:
+        """One PUT: a reader sees the old object or the new one, never a mix."""
+        body = json.dumps(obj, indent=2).encode()
+        with self.request("put", bucket, key):
+            self.client.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json",
+                                   ChecksumAlgorithm="SHA256")
+
+    def get_json(self, bucket: str, key: str) -> dict:
+        with self.request("get", bucket, key):
+            body = self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise DataError(f"s3://{bucket}/{key}: not valid JSON ({exc})") from exc

@@ -1,5 +1,6 @@
-"""Publishing the SemID store to S3 on a real local endpoint (moto server): round trip, a failed upload that
-leaves CURRENT on the previous version, checksums, and bad URLs refused before any upload."""
+"""Publishing the SemID store to S3 on a real local endpoint (moto server): round trip, transient 503s from a
+fault-injecting proxy survived with the same bytes stored, a persistent outage that leaves CURRENT on the
+previous version with a named error, checksums, and bad URLs refused before any upload."""
 import dataclasses
 
 import boto3
@@ -7,15 +8,16 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
+from components import storage
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
 from components.semid import publish as pub
 from components.semid import rqvae
 from components.semid.backfill import run_backfill
-from components.storage import Layout
+from components.storage import Layout, StorageError
+from s3_faults import FaultyProxy
 
 pytestmark = pytest.mark.integration
 
@@ -74,29 +76,71 @@ def test_publish_then_read_pointer_and_download_the_same_bytes(tmp_path, endpoin
     assert pub.download(url, version, tmp_path / "again", endpoint)  # by explicit version too
 
 
-def test_a_failed_upload_leaves_current_on_the_previous_version(tmp_path, endpoint, bucket, monkeypatch):
+def objects(endpoint: str, bucket: str) -> dict[str, bytes]:
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_transient_503s_are_retried_and_the_same_bytes_are_stored(tmp_path, endpoint, request):
+    """503 SlowDown to the first 3 requests and then to every 4th: publish completes, and the bucket holds
+    exactly what a fault-free publish stores."""
+    layout = release(tmp_path / "a", seed=0)
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    for name in ("fault-free", "faulty"):
+        s3.create_bucket(Bucket=name)
+    pub.publish_current(layout, "s3://fault-free/semids", endpoint_url=endpoint)
+    with FaultyProxy(endpoint, first=3, every=4) as proxy:
+        pointer = pub.publish_current(layout, "s3://faulty/semids", endpoint_url=proxy.url)
+        assert pub.read_current_pointer("s3://faulty/semids", proxy.url) == pointer
+        files = pub.download("s3://faulty/semids", None, tmp_path / "dest", proxy.url)
+    assert proxy.faults >= 4 and proxy.requests > proxy.faults
+    assert objects(endpoint, "faulty") == objects(endpoint, "fault-free")
+    assert files[layout.semids.name].read_bytes() == layout.semids.read_bytes()
+
+
+def test_a_persistent_outage_names_the_request_and_leaves_current_on_the_previous_version(
+        tmp_path, endpoint, bucket, monkeypatch):
     url = f"s3://{bucket}/semids"
     old = release(tmp_path / "old", seed=0)
     pub.publish_current(old, url, endpoint_url=endpoint)
+    before = objects(endpoint, bucket)
     new = release(tmp_path / "new", seed=1)
-    client, calls = pub.s3_client(endpoint), []
-    upload = client.upload_file
-
-    def second_part_fails(filename, bucket_name, key, **kwargs):
-        calls.append(key)
-        if len(calls) == 2:
-            raise ClientError({"Error": {"Code": "InternalError", "Message": "connection reset"}}, "PutObject")
-        return upload(filename, bucket_name, key, **kwargs)
-
-    monkeypatch.setattr(client, "upload_file", second_part_fails)
-    monkeypatch.setattr(pub, "s3_client", lambda endpoint_url: client)
-    with pytest.raises(pub.PublishError, match="connection reset.*CURRENT left unchanged"):
-        pub.publish_current(new, url, endpoint_url=endpoint)
+    new_version = rqvae.read_current(new.rqvae)[0]
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with FaultyProxy(endpoint, fail_from=3) as proxy:  # the outage starts during the first part's upload
+        with pytest.raises(StorageError, match=rf"publishing codebook_version {new_version} to {url}: "
+                                               rf"\w.* s3://{bucket}/semids/{new_version}/\S+ failed: SlowDown: .*"
+                                               r"\(after 2 attempt\(s\)\); CURRENT left unchanged"):
+            pub.publish_current(new, url, endpoint_url=proxy.url)
     old_version = rqvae.read_current(old.rqvae)[0]
-    assert old_version != rqvae.read_current(new.rqvae)[0] and len(calls) == 2
     assert pub.read_current_pointer(url, endpoint)["codebook_version"] == old_version
+    after = objects(endpoint, bucket)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not any(k.endswith("manifest.json") for k in set(after) - set(before))  # no manifest: unreadable
     files = pub.download(url, None, tmp_path / "dest", endpoint)
     assert files[old.semids.name].read_bytes() == old.semids.read_bytes()
+
+
+def test_an_upload_whose_stored_checksum_differs_is_refused(tmp_path, endpoint, bucket, monkeypatch):
+    """The check behind "verified": S3's checksum of what it stored against the local file's."""
+    layout = release(tmp_path / "a", seed=0)
+    url = f"s3://{bucket}/semids"
+    monkeypatch.setattr(storage, "s3_checksum", lambda path: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    with pytest.raises(StorageError, match=rf"verify s3://{bucket}/semids/.*: stored checksum .*, expected "
+                                           r"AAAA.*; CURRENT left unchanged"):
+        pub.publish_current(layout, url, endpoint_url=endpoint)
+    assert not any(k.endswith(pub.POINTER) for k in objects(endpoint, bucket))
+
+
+def test_the_multipart_checksum_is_the_one_s3_computes(tmp_path, endpoint, bucket):
+    big = tmp_path / "big.bin"
+    big.write_bytes(np.random.default_rng(0).bytes(2 * storage.PART_BYTES + 1000))
+    s3 = storage.S3(endpoint)
+    s3.upload(big, bucket, "big.bin")  # raises unless the composite checksum matches
+    assert storage.s3_checksum(big).endswith("-3")
+    s3.download(bucket, "big.bin", tmp_path / "back.bin", storage.sha256_of(big))
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
 
 
 def test_download_refuses_a_part_that_does_not_match_the_manifest(tmp_path, endpoint, bucket):
@@ -106,7 +150,7 @@ def test_download_refuses_a_part_that_does_not_match_the_manifest(tmp_path, endp
     s3 = boto3.client("s3", endpoint_url=endpoint)
     key = next(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if o["Key"].endswith(".parquet"))
     s3.put_object(Bucket=bucket, Key=key, Body=b"not the store")
-    with pytest.raises(DataError, match=f"s3://{bucket}/{key}: sha256 .*, expected .* from the manifest"):
+    with pytest.raises(DataError, match=f"s3://{bucket}/{key}: sha256 .*, expected .* \\(corrupt or overwritten\\)"):
         pub.download(url, None, tmp_path / "dest", endpoint)
     assert not any((tmp_path / "dest").iterdir())  # nothing half-downloaded left behind
 
@@ -127,12 +171,12 @@ def test_a_store_and_checkpoint_of_different_versions_are_refused(tmp_path, endp
     ("s3://My_Bucket/prefix", "bucket name 'My_Bucket' is invalid"),
 ])
 def test_a_bad_url_is_refused_before_any_upload(tmp_path, monkeypatch, url, message):
-    def no_client(endpoint_url):
+    def no_client(endpoint_url=None):
         raise AssertionError("S3 was contacted")
 
-    monkeypatch.setattr(pub, "s3_client", no_client)
-    with pytest.raises(pub.PublishError, match=message):
+    monkeypatch.setattr(pub, "S3", no_client)
+    with pytest.raises(StorageError, match=message):
         pub.publish(tmp_path / "semids.parquet", tmp_path / "ckpt.pt", url)
-    with pytest.raises(pub.PublishError, match=message):
+    with pytest.raises(StorageError, match=message):
         pub.read_current_pointer(url)
 
