@@ -51,10 +51,15 @@ def loop_day(params: Path, as_of: dt.datetime | None) -> dt.date | None:
 
 
 def stage(fn):
-    """Turn a domain error into a one-line message on stderr and exit code 1 (no traceback)."""
+    """Clear what a killed run left behind (components/storage.py, sweep_temporaries), then run; turn a domain
+    error into a one-line message on stderr and exit code 1 (no traceback)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        from components.storage import Layout, sweep_temporaries
+
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        for path in sweep_temporaries(Layout()):
+            logging.getLogger("semid").info("cleared %s, left by a run that was killed", path)
         try:
             return fn(*args, **kwargs)
         except SemidError as exc:

@@ -83,9 +83,26 @@ def resolve(layout: Layout) -> Serving:
     return current
 
 
+def before(layout: Layout, as_of: str) -> Serving | None:
+    """What served before the switches made as of `as_of`: a day run again (after a crash between the switch and
+    the end of its stage, or by `dvc repro --force`) decides against it, as its first run did. A pointer pinned
+    by a rollback is what served."""
+    current = read(layout)
+    if current is None or current.pinned or current.as_of < as_of:
+        return current
+    earlier = [s for s in history(layout) if s.as_of < as_of]
+    return earlier[-1] if earlier else None
+
+
 def switch(layout: Layout, as_of: str, codebook_version: str | None, champion: str) -> Serving:
-    """Point serving at a new triple (appended to the log first, then one rename of models/serving.json)."""
-    log = history(layout)
+    """Point serving at a new triple (appended to the log first, then one rename of models/serving.json). Running
+    a day's switch again changes nothing: a log line that a killed run wrote without moving the pointer is
+    replaced, and a pointer already at this day's triple stays."""
+    current = read(layout)
+    if current is not None and (current.as_of, current.codebook_version, current.champion) == (
+            as_of, codebook_version, champion):
+        return current
+    log = [s for s in history(layout) if current is None or s.seq <= current.seq or s.as_of < as_of]
     new = triple(layout, as_of, codebook_version, champion, seq=len(log) + 1)
     missing = [str(p) for p in new.files(layout.root) if not p.exists()]
     if missing:

@@ -160,10 +160,11 @@ UMASK = _read_umask()
 
 
 def _temp_sibling(path: Path, suffix: str = "") -> Path:
-    """An empty file beside `path`, with the mode a plain open() would give it: mkstemp makes 0600, which a
-    report server or a worker running as another user could not read once it is renamed into place."""
+    """An empty file beside `path`, named for this process (`sweep_temporaries` removes it once the process is
+    gone), with the mode a plain open() would give it: mkstemp makes 0600, which a report server or a worker
+    running as another user could not read once it is renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{suffix}", dir=path.parent)
     os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     return Path(name)
@@ -244,19 +245,55 @@ def staged_dir(path: Path) -> Iterator[Path]:
     and `path` is left exactly as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700; the directory gets the mode mkdir would give it
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.old")
+    old = path.with_name(f".{path.name}.{os.getpid()}-old.tmp")  # put back by sweep_temporaries if killed here
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-(?P<tag>[^.]+)\.tmp.*")  # _temp_sibling's, staged_dir's
+ARTIFACT_DIRS = ("data", "models", "metrics", "reports")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def sweep_temporaries(layout: Layout) -> list[Path]:
+    """Clear what a killed run left under the artifact directories: its temporaries (named for their process,
+    removed once that process is gone, so a concurrent writer's are left alone); a directory that `staged_dir`
+    had moved aside is put back when the kill came before the new one was renamed into its place.
+    Returns what was removed or restored."""
+    swept = []
+    for top in ARTIFACT_DIRS:
+        for path in sorted((layout.root / top).rglob(".*")) if (layout.root / top).is_dir() else []:
+            match = TEMPORARY.fullmatch(path.name)
+            if not match or alive(int(match["pid"])) or not path.exists():
+                continue
+            final = path.with_name(match["name"])
+            if match["tag"] == "old" and not final.exists():
+                os.replace(path, final)  # killed between staged_dir's two renames: the previous one is whole
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            swept.append(path)
+    return swept
 
 
 # ---------------------------------------------------------------------------------------------------------------- S3

@@ -8,7 +8,7 @@ import pytest
 
 from components import serving
 from components.errors import DataError
-from components.storage import Layout
+from components.storage import Layout, write_json
 
 
 def artifacts(layout: Layout, codebook: str, champion: str) -> None:
@@ -45,6 +45,23 @@ def test_a_switch_to_missing_files_is_refused_and_changes_nothing(layout):
     with pytest.raises(DataError, match="data/semids/cb9.parquet"):
         serving.switch(layout, "2026-04-01", "cb9", "r1")
     assert (layout.serving.read_bytes(), layout.serving_log.read_bytes()) == before
+
+
+def test_a_day_switched_again_decides_against_what_served_before_it(layout):
+    """A day's stage run again after a crash: `before` gives what served before the day, and the switch does not
+    add a second line, whether the crash came after the pointer moved or between the log and the pointer."""
+    serving.switch(layout, "2026-03-30", "cb1", "r1")
+    today = serving.switch(layout, "2026-03-31", "cb1", "r2")
+    log = layout.serving_log.read_bytes()
+    assert serving.before(layout, "2026-03-31").champion == "r1"
+    assert serving.before(layout, "2026-04-01") == today
+    assert serving.switch(layout, "2026-03-31", "cb1", "r2") == today and layout.serving_log.read_bytes() == log
+    # killed between the log line and the pointer's rename: the pointer still names r1, the log already r2
+    first = serving.history(layout)[0]
+    write_json(dataclasses.asdict(first), layout.serving)
+    assert serving.before(layout, "2026-03-31").champion == "r1"
+    assert serving.switch(layout, "2026-03-31", "cb1", "r2") == today and layout.serving_log.read_bytes() == log
+    assert serving.before(layout, "2026-03-31") is not None and serving.before(layout, "2026-03-30") is None
 
 
 def test_rollback_goes_back_one_switch_pins_and_unpins(layout):

@@ -69,8 +69,10 @@ def test_same_data_same_codebook_without_retraining(world, caplog):
     first = run_train_rqvae(FAST, world)
     with caplog.at_level("INFO"):
         second = run_train_rqvae(FAST, world)
-    assert f"codebook {first['codebook_version']} kept: no refresh due" in caplog.text
-    assert second["codebook_version"] == first["codebook_version"]
+    # the same day again: its refresh is reported as the first run did, the codebook reused, not retrained
+    assert f"codebook {first['codebook_version']} was trained on this exact window and params: reused" \
+        in caplog.text
+    assert second == first
     (world.root / "models").rename(world.root / "models-first")  # a cold retrain reproduces it bit for bit
     assert run_train_rqvae(FAST, world)["codebook_version"] == first["codebook_version"]
     assert run_train_rqvae(dataclasses.replace(FAST, seed=1), world)["codebook_version"] != first["codebook_version"]
@@ -171,8 +173,21 @@ def test_force_and_a_drift_alert_refresh_out_of_cadence(spring):
     summary = spring.reports / "drift" / "summary.json"
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text(json.dumps({"checks": {"codebook_fit": {"status": "ALERT"}}}))
-    assert not run_train_rqvae(p, spring)["refreshed"]  # refresh_on_drift is off by default
-    on_drift = run_train_rqvae(dataclasses.replace(p, refresh_on_drift=True), spring)
+    next_day = dataclasses.replace(p, as_of=dt.date(2026, 3, 31))
+    assert not run_train_rqvae(next_day, spring)["refreshed"]  # refresh_on_drift is off by default
+    on_drift = run_train_rqvae(dataclasses.replace(next_day, refresh_on_drift=True), spring)
     assert on_drift["refreshed"] and "codebook_fit at ALERT" in on_drift["refresh_reason"]
     with pytest.raises(ParamsError, match="rqvae.refresh_months holds 13"):
         run_train_rqvae(dataclasses.replace(p, refresh_months=(1, 13)), spring)
+
+
+def test_a_day_run_again_reports_its_refresh_as_the_first_run_did(spring):
+    """After a crash between the pointer's move and the end of the stage, the day's re-run is the first run."""
+    day = lambda d: dataclasses.replace(FAST, as_of=d)  # noqa: E731
+    first = run_train_rqvae(day(dt.date(2026, 3, 28)), spring)
+    renewed = run_train_rqvae(day(dt.date(2026, 4, 1)), spring)
+    metrics = (spring.metrics / "rqvae.json").read_bytes()
+    again = run_train_rqvae(day(dt.date(2026, 4, 1)), spring)
+    assert again == renewed and again["replaced"] == first["codebook_version"]
+    assert (spring.metrics / "rqvae.json").read_bytes() == metrics
+    assert not run_train_rqvae(day(dt.date(2026, 4, 2)), spring)["refreshed"]  # the next day keeps it

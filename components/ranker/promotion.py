@@ -85,7 +85,10 @@ def promote(layout: Layout, version: str, ne: float, evaluation_window: Window, 
     """Score the serving champion against challenger `version` (NE `ne` on all items of the evaluation window)
     and, when the challenger wins, switch models/serving.json to it and its codebook. Returns the decision for
     metrics/ranker.json."""
+    as_of = evaluation_window.end.date().isoformat()
     live = serving.read(layout)
+    if live is not None and (live.champion, live.as_of) == (version, as_of):
+        live = serving.before(layout, as_of)  # this day run again: it decides as its first run did
     if live is None or live.champion == version:
         decision = decide(ne, None, "no champion yet" if live is None
                           else "the challenger is the champion (same weights)", max_regression)
@@ -97,7 +100,7 @@ def promote(layout: Layout, version: str, ne: float, evaluation_window: Window, 
                                                 f"(`semid rollback --unpin` releases it); {decision['reason']}")
     if decision["promoted"]:
         if live is None or (live.champion, live.codebook_version) != (version, codebook_version):
-            serving.switch(layout, evaluation_window.end.date().isoformat(), codebook_version, version)
+            serving.switch(layout, as_of, codebook_version, version)
         log.info("ranker %s is the champion (NE %.5f) under codebook %s", version, ne, codebook_version)
     else:
         log.warning("ranker %s not promoted: NE %.5f vs champion %s %s (max regression %s): %s", version, ne,

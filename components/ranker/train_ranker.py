@@ -199,8 +199,9 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
 
 def champion_if_not_due(p: RankerParams, layout: Layout, as_of: dt.date, codebook_version: str | None
                         ) -> dict | None:
-    """The serving champion's figures when no challenger is due as of `as_of` (it was trained for a day at most
-    retrain_every_days - 1 before, under the current codebook and the same model params); None when one is due."""
+    """The serving champion's figures when no challenger is due as of `as_of` (it was trained for a day 1 to
+    retrain_every_days - 1 days before, under the current codebook and the same model params); None when one is
+    due."""
     if p.retrain_every_days < 1:
         raise ParamsError(f"ranker.retrain_every_days is {p.retrain_every_days}, expected >= 1")
     live = serving.read(layout)
@@ -209,7 +210,10 @@ def champion_if_not_due(p: RankerParams, layout: Layout, as_of: dt.date, codeboo
     _, ckpt = load_ranker(layout.root / live.ranker)
     trained_for = dt.datetime.fromisoformat(ckpt["window"]["eval_end"]).date()
     wanted = json.loads(json.dumps(dataclasses.asdict(p), default=str))
-    if (not 0 <= (as_of - trained_for).days < p.retrain_every_days or "ne" not in ckpt
+    # A champion trained for this very day: the day is run again (after a crash between the switch and the end
+    # of the stage, or forced), and training reproduces it and its decision (promotion.promote).
+    if (not 0 < (as_of - trained_for).days < p.retrain_every_days
+            or "ne" not in ckpt
             or {k: v for k, v in ckpt["params"].items() if k not in CADENCE_PARAMS}
             != {k: v for k, v in wanted.items() if k not in CADENCE_PARAMS}):
         return None

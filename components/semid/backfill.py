@@ -7,7 +7,8 @@ backfill      streams data/embeddings/items.parquet in batches (memory bounded w
               (components/semid/store.py): when that store exists only items without a SemID are encoded and
               items gone from the embeddings drop out; a new codebook gets a new store, every item encoded, and
               the stores of earlier versions stay for serving and rollback. Any bad input raises DataError and
-              leaves the stores and metrics/backfill.json as they were.
+              leaves the stores and metrics/backfill.json as they were. What a run encoded is logged and returned,
+              not written: it depends on the store the run found, the files on the inputs only.
 """
 from __future__ import annotations
 
@@ -288,6 +289,9 @@ def backfill_version(params: BackfillParams, layout: Layout, version: str) -> di
     }
 
 
+RUN_ONLY = ("encoded", "reused", "dropped", "full_backfill")
+
+
 def run_backfill(params: BackfillParams, layout: Layout) -> dict:
     """Write data/semids/<current codebook_version>.parquet and metrics/backfill.json; return the metrics plus
     "seconds". While a newer codebook waits for its switch (components/serving.py), the serving codebook's store
@@ -300,8 +304,11 @@ def run_backfill(params: BackfillParams, layout: Layout) -> dict:
         log.info("semids: codebook %s serves until the switch to %s: its store gets the new items too",
                  live.codebook_version, version)
         figures = backfill_version(params, layout, live.codebook_version)
-        metrics["serving_store"] = {k: figures[k] for k in ("codebook_version", "items", "encoded")}
-    write_metrics(metrics, layout.metrics / "backfill.json", layout.record("backfill"))
+        metrics["serving_store"] = {k: figures[k] for k in ("codebook_version", "items")}
+    # What this run encoded depends on what the store held before it (a run killed after its write leaves
+    # nothing to encode): logged and returned, kept out of the files, which depend on the inputs only.
+    write_metrics({k: v for k, v in metrics.items() if k not in RUN_ONLY}, layout.metrics / "backfill.json",
+                  layout.record("backfill"))
     seconds = time.perf_counter() - started
     log.info("semids: %s items under %s (%s encoded, %s reused) in %.1f s", f"{metrics['items']:,}", version,
              f"{metrics['encoded']:,}", f"{metrics['reused']:,}", seconds)

@@ -8,7 +8,7 @@ cache     the previous output is the cache: its parquet metadata holds the encod
           new or edited texts (and exact copies of a text share one vector); items gone from validated drop
           out; a new encoder_version (other weights, other precomputed file) re-embeds everything
 output    data/embeddings/items.parquet: item_id Int64, content_hash String, vector Array(Float32, D), sorted
-          by item_id; metrics/embed.json (no timings: same inputs, same bytes)
+          by item_id; metrics/embed.json (no timings, no cache counts: same inputs, same bytes)
 """
 from __future__ import annotations
 
@@ -237,6 +237,9 @@ def read_items(layout: Layout) -> pl.DataFrame:
     return items
 
 
+RUN_ONLY = ("embedded", "reused", "texts_encoded")
+
+
 def run_embed(params: EmbedParams, layout: Layout) -> dict:
     """Write data/embeddings/items.parquet and metrics/embed.json; return the metrics plus "seconds"."""
     started = time.perf_counter()
@@ -268,7 +271,10 @@ def run_embed(params: EmbedParams, layout: Layout) -> dict:
         "provenance": {"code_version": provenance.code_version(),
                        "data_version": provenance.data_version(sources)},
     }
-    write_metrics(metrics, layout.metrics / "embed.json", layout.record("embed"))
+    # What this run encoded depends on the cache it found (a run killed after its write leaves nothing to
+    # encode): logged and returned, kept out of the files, which depend on the inputs only.
+    write_metrics({k: v for k, v in metrics.items() if k not in RUN_ONLY}, layout.metrics / "embed.json",
+                  layout.record("embed"))
     done = time.perf_counter()
     log.info("embedded %s items with %s (%s encoded, %s reused) in %.1f s", f"{len(frame):,}", version,
              f"{embedded:,}", f"{len(frame) - embedded:,}", done - started)

@@ -198,6 +198,14 @@ def refresh_due(p: RQVAEParams, as_of: dt.date, ckpt: dict | None, force: bool, 
     return None
 
 
+def todays_refresh(ckpt: dict | None, as_of: dt.date) -> dict | None:
+    """The refresh that made the current codebook, when it was made as of this very day: a re-run of the day
+    (after a crash between the pointer's move and the end of the stage) reports that refresh again, as the
+    first run did, instead of keeping a codebook it would call fresh."""
+    refresh = (ckpt or {}).get("refresh")
+    return refresh if refresh is not None and refresh["as_of"] == as_of.isoformat() else None
+
+
 def current_checkpoint(layout: Layout) -> tuple[rqvae.SemanticIdModel, dict] | tuple[None, None]:
     if not (layout.rqvae / "current.json").exists():
         return None, None
@@ -212,6 +220,8 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout, force: bool = False) -> dict
     as_of = dt.date.fromisoformat(window["end"])
     current, ckpt = current_checkpoint(layout)
     reason = refresh_due(p, as_of, ckpt, force, layout)
+    again = todays_refresh(ckpt, as_of) if reason is None or force else None
+    reason = reason or (again or {}).get("reason")
     if reason is None:
         return keep_current(p, layout, current, ckpt, ids, x, window)
     log.info("codebook refresh as of %s: %s", as_of, reason)
@@ -232,11 +242,12 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout, force: bool = False) -> dict
             "passed": min(quality["utilization"]) >= p.min_utilization
             and quality["collision_rate"] <= p.max_collision_rate}
     version = rqvae.codebook_version(model)
+    # the codebook this one replaces; None for the first codebook, or when training reproduced the current one
+    replaced = again["replaced"] if again else (
+        ckpt["codebook_version"] if ckpt is not None and ckpt["codebook_version"] != version else None)
     metrics = {
         "codebook_version": version,
-        "refreshed": True, "refresh_reason": reason,
-        # the codebook this one replaces; None for the first codebook, or when training reproduced the current one
-        "replaced": ckpt["codebook_version"] if ckpt is not None and ckpt["codebook_version"] != version else None,
+        "refreshed": True, "refresh_reason": reason, "replaced": replaced,
         "promoted": gate["passed"],
         "method": p.method, "levels": p.levels, "codebook_size": p.codebook_size, "latent_dim": p.latent_dim,
         "window": window,
@@ -259,6 +270,7 @@ def run_train_rqvae(p: RQVAEParams, layout: Layout, force: bool = False) -> dict
     if gate["passed"] and not reused:
         _, path = rqvae.save_checkpoint(model, layout.rqvae, {
             "provenance": metrics["provenance"], "window": window, "training_data_version": data_version,
+            "refresh": {"as_of": as_of.isoformat(), "reason": reason, "replaced": replaced},
             "history": history, "quality": {"items": window["items"], "utilization": quality["utilization"],
                                             "collision_rate": quality["collision_rate"]}})
         rqvae.write_current(layout.rqvae, version)
