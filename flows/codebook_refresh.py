@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow
 
 from components.storage import Layout
-from flows import records
+from flows import records, workspace
 from flows.stages import FORCE_ENV, REPO, run_stage
 
 REFRESH_STAGES = ("train_rqvae", "backfill", "train_ranker")
@@ -29,7 +29,8 @@ REFRESH_STAGES = ("train_rqvae", "backfill", "train_ranker")
 def codebook_refresh(repo: str = str(REPO), force: bool = True) -> dict:
     """Refresh the codebook and switch serving when the new triple wins; returns what serves afterwards."""
     root = Path(repo)
-    with records.recorded(root, "semid-codebook-refresh", list(REFRESH_STAGES), force_refresh=force) as seconds:
+    with (workspace.held(root, "semid-codebook-refresh"),
+          records.recorded(root, "semid-codebook-refresh", list(REFRESH_STAGES), force_refresh=force) as seconds):
         for stage in REFRESH_STAGES:
             forced = force and stage == "train_rqvae"
             seconds[stage] = run_stage(stage, root, force=forced, env={FORCE_ENV: "1"} if forced else None)

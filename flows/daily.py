@@ -9,6 +9,7 @@ train_ranker  trains a challenger when one is due (ranker.retrain_every_days) an
               only when it wins
 
 Every stage runs as of the day after the last landed events day (loop.as_of null), so landing sets the clock.
+A run holds the workspace from landing to the last stage (flows/workspace.py): a second run waits its turn.
 Each run writes runs/<run_id>.json (flows/records.py): `semid runs list | show RUN | reproduce RUN`.
 Run it locally on the ephemeral API:  python -m flows.daily [--as-of YYYY-MM-DD]
 """
@@ -25,7 +26,7 @@ from prefect.cache_policies import NONE
 
 from components.data.landing import land
 from components.storage import Layout
-from flows import records
+from flows import records, workspace
 from flows.stages import REPO, run_stage
 
 DAILY_STAGES = ("validate", "embed", "train_rqvae", "backfill", "drift", "train_ranker")
@@ -46,7 +47,8 @@ def daily(repo: str = str(REPO), as_of: dt.date | None = None) -> dict[str, floa
     later stages do not run. Either way the run leaves its record in runs/ (flows/records.py)."""
     root = Path(repo)
     stages = list(DAILY_STAGES) if as_of is not None else ["generate", *DAILY_STAGES]
-    with records.recorded(root, "semid-daily", stages, landed_as_of=as_of) as seconds:
+    with (workspace.held(root, "semid-daily"),
+          records.recorded(root, "semid-daily", stages, landed_as_of=as_of) as seconds):
         seconds["land"] = land_day(root, as_of) if as_of is not None else run_stage("generate", root)
         for stage in DAILY_STAGES:
             seconds[stage] = run_stage(stage, root)

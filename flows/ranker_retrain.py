@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from components.storage import Layout
-from flows import records
+from flows import records, workspace
 from flows.stages import REPO, run_stage
 
 
@@ -23,7 +23,8 @@ from flows.stages import REPO, run_stage
 def ranker_retrain(repo: str = str(REPO)) -> dict:
     """Run the train_ranker stage; returns what serves afterwards."""
     root = Path(repo)
-    with records.recorded(root, "semid-ranker-retrain", ["train_ranker"]) as seconds:
+    with (workspace.held(root, "semid-ranker-retrain"),
+          records.recorded(root, "semid-ranker-retrain", ["train_ranker"]) as seconds):
         seconds["train_ranker"] = run_stage("train_ranker", root)
     return json.loads(Layout(root).serving.read_text())
 

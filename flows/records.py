@@ -92,7 +92,8 @@ def finish(root: Path, record: dict, status: str, seconds: dict[str, float]) -> 
     params = dataclasses.asdict(load_params(root / "params.yaml"))
     params["loop"]["as_of"] = params["loop"]["as_of"] or (span.end.date() if span else None)
     metrics = {p.stem: json.loads(p.read_text()) for p in sorted((root / "metrics").glob("*.json"))}
-    record = {**record, "status": status, "as_of": str(params["loop"]["as_of"]),
+    record = {**record, "status": status, "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+              "as_of": str(params["loop"]["as_of"]),
               "seconds": {k: round(v, 2) for k, v in seconds.items()},
               "params": json.loads(json.dumps(params, default=str)),
               "dvc_lock": read_text(root / "dvc.lock"), "metrics": metrics}

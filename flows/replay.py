@@ -21,6 +21,7 @@ from components.data.world import run_generate
 from components.monitoring.timeline import record_day
 from components.params import load_params
 from components.storage import Layout, write_json
+from flows import workspace
 from flows.daily import daily
 from flows.stages import REPO
 
@@ -43,12 +44,17 @@ def generate_stream(repo: Path) -> None:
 def replay(start: dt.date, days: int, repo: str = str(REPO)) -> list[dict]:
     """Run the daily flow as of start, start + 1 day, ... (days in all); returns the timeline rows."""
     root = Path(repo)
+    with workspace.held(root, "semid-replay"):  # the daily runs inside hold it with it
+        return replay_days(root, start, days)
+
+
+def replay_days(root: Path, start: dt.date, days: int) -> list[dict]:
     generate_stream(root)
     rows = []
     for offset in range(days):
         as_of = start + dt.timedelta(days=offset)
         started = time.perf_counter()
-        seconds = daily(repo=repo, as_of=as_of)
+        seconds = daily(repo=str(root), as_of=as_of)
         rows.append(record_day(Layout(root), as_of.isoformat(), time.perf_counter() - started, seconds))
         print(f"{as_of}: codebook {rows[-1]['codebook_version']}, champion {rows[-1]['champion']}, "
               f"drift {rows[-1]['drift_verdict']}, {rows[-1]['seconds']:.1f} s")

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -182,7 +183,6 @@ def test_switching_data_source_runs_the_pipeline_on_movielens(repo):
 def test_a_run_while_another_holds_the_workspace_waits_its_turn_or_is_refused_by_name(repo):
     """DVC allows one run per workspace: the task names the lock and retries with backoff; nothing is touched."""
     import threading
-    import time
 
     from dvc.repo import Repo
     from prefect import flow
@@ -218,6 +218,31 @@ def test_a_run_while_another_holds_the_workspace_waits_its_turn_or_is_refused_by
 
     assert validate_again() > 0
     assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] == 1
+
+
+def test_two_daily_runs_on_one_workspace_take_turns(repo, tmp_path):
+    """Two workers start the daily flow on one workspace a moment apart: the second waits for the first's
+    workspace lock (flows/workspace.py), then finds everything up to date; nothing is corrupted."""
+    def worker(name: str) -> subprocess.Popen:
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+               "PREFECT_HOME": str(tmp_path / name), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        return subprocess.Popen([sys.executable, "-m", "flows.daily", "--repo", str(repo)], cwd=repo, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = worker("first")
+    lock = repo / ".dvc" / "tmp" / "semid-loop.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first holds the workspace
+    second = worker("second")
+    out_first, out_second = first.communicate(timeout=900)[0], second.communicate(timeout=900)[0]
+    assert first.returncode == 0, out_first
+    assert second.returncode == 0 and "semid-daily waits its turn" in out_second, out_second
+    records = sorted((json.loads(p.read_text()) for p in (repo / "runs").glob("*.json")), key=lambda r: r["started"])
+    assert [r["status"] for r in records] == ["Completed", "Completed"]
+    assert records[1]["started"] >= records[0]["finished"]  # one after the other, never interleaved
+    assert records[1]["dvc_lock"] == records[0]["dvc_lock"]  # the second found everything up to date
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], repo).stdout
 
 
 def test_codebook_refresh_flow_forces_a_refresh_and_records_a_reproducible_run(repo):
