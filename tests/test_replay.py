@@ -42,7 +42,8 @@ def test_one_refresh_on_the_boundary_day_and_one_codebook_before_it(replayed):
     days = [(START + dt.timedelta(days=i)).isoformat() for i in range(DAYS)]
     assert timeline["as_of"].to_list() == days
     assert timeline.columns[:11] == ["as_of", "codebook_version", "store_version", "champion", "refreshed",
-                                     "ranker_retrained", "drift_verdict", "semid_coverage", "ne_all", "ne_new", "seconds"]
+                                     "ranker_retrained", "drift_verdict", "semid_coverage", "ne_all", "ne_new",
+                                     "seconds"]
     assert timeline.filter(pl.col("refreshed") == 1)["as_of"].to_list() == [BOUNDARY.isoformat()]
     versions = timeline["codebook_version"].to_list()
     assert sum(a != b for a, b in zip(versions, versions[1:])) == 1  # the serving codebook changes once
