@@ -71,25 +71,29 @@ def stage(fn):
 @app.command()
 @stage
 def generate(params: ParamsFile = Path("params.yaml")) -> None:
-    """Write data/raw from `data.source`: the seeded synthetic world (world.* params) or a MovieLens import."""
+    """Land data/raw from `data.source`: the seeded synthetic world (world.* params) or a MovieLens import, in
+    the lake of storage.root (data/raw itself by default)."""
     from components.params import load_params
     from components.storage import Layout
 
-    p = load_params(params)
-    if p.data.source == "synthetic":
-        from components.data.world import run_generate
-        run_generate(p.world, Layout())
-    elif p.data.source == "movielens":
-        if p.data.movielens_dir is None:
-            raise ParamsError(f"{params}: data.movielens_dir is null; data.source 'movielens' needs the directory of "
-                              f"a MovieLens release (set it in params.yaml or with -S data.movielens_dir=PATH)")
-        from components.data.movielens import run_import
-        from components.storage import staged_dir, write_json
-        run_import(Path(p.data.movielens_dir), Layout())
-        with staged_dir(Layout().world) as tmp:  # no ground truth: only where data/raw came from
-            write_json({"source": "movielens", "directory": p.data.movielens_dir}, tmp / "world.json")
-    else:
+    from components.data.lake import landing_in, raw_lake
+
+    p, layout = load_params(params), Layout()
+    if p.data.source not in ("synthetic", "movielens"):
         raise ParamsError(f"{params}: data.source is {p.data.source!r}, expected 'synthetic' or 'movielens'")
+    if p.data.source == "movielens" and p.data.movielens_dir is None:
+        raise ParamsError(f"{params}: data.movielens_dir is null; data.source 'movielens' needs the directory of "
+                          f"a MovieLens release (set it in params.yaml or with -S data.movielens_dir=PATH)")
+    with landing_in(raw_lake(p.storage.root, layout), layout) as into:
+        if p.data.source == "synthetic":
+            from components.data.world import run_generate
+            run_generate(p.world, layout, into=into)
+        else:
+            from components.data.movielens import run_import
+            from components.storage import staged_dir, write_json
+            run_import(Path(p.data.movielens_dir), layout, into=into)
+            with staged_dir(layout.world) as tmp:  # no ground truth: only where data/raw came from
+                write_json({"source": "movielens", "directory": p.data.movielens_dir}, tmp / "world.json")
 
 
 @app.command("import_movielens")
@@ -190,15 +194,56 @@ def drift(
 
 @app.command()
 @stage
-def land(as_of: Annotated[dt.datetime, typer.Option("--as-of", formats=["%Y-%m-%d"],
-                                                    help="Land what was known before this day.")]) -> None:
-    """Make data/raw hold what the generated stream data/stream knew before --as-of (`semid replay` lands day
-    by day)."""
-    from components.data.landing import land as land_stream
+def publish(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -> None:
+    """Publish what serves (store, checkpoints, pointer) and the reports to storage.root, as the flows do after
+    their stages; the pointer moves last, after every file it names was verified."""
+    from components.data.lake import raw_days
+    from components.params import load_params
+    from flows.publishing import publish_run
     from components.storage import Layout
 
     layout = Layout()
-    typer.echo(land_stream(layout.stream, layout.raw, as_of.date()))
+    day = as_of.date() if as_of is not None else raw_days(layout)[-1] + dt.timedelta(days=1)
+    typer.echo(json.dumps(publish_run(layout, load_params(params).storage.root, day), indent=2))
+
+
+@app.command()
+@stage
+def remote(params: ParamsFile = Path("params.yaml"),
+           name: Annotated[str, typer.Option("--name", help="The DVC remote's name.")] = "storage") -> None:
+    """Make <storage.root>/dvc the default DVC remote in .dvc/config: its URL only, since credentials and the
+    endpoint come from the AWS settings (AWS_ENDPOINT_URL_S3). Commit .dvc/config afterwards."""
+    import subprocess
+
+    from components.params import load_params
+    from flows.publishing import publishing_lake
+    from components.storage import Layout
+
+    lake = publishing_lake(load_params(params).storage.root, Layout())
+    if lake is None:
+        raise ParamsError(f"{params}: storage.root is the workspace's data/, which cannot hold its own DVC remote; "
+                          f"set storage.root to s3://bucket/prefix (or a directory outside the workspace)")
+    url = f"{lake.url}/dvc" if lake.url.startswith("s3://") else str(Path(lake.url).resolve() / "dvc")
+    proc = subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "--default", "--force", name, url],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SemidError(f"dvc remote add {name} {url} failed: {(proc.stdout + proc.stderr).strip()}")
+    typer.echo(f"default DVC remote {name!r}: {url}")
+
+
+@app.command()
+@stage
+def land(as_of: Annotated[dt.datetime, typer.Option("--as-of", formats=["%Y-%m-%d"],
+                                                    help="Land what was known before this day.")],
+         params: ParamsFile = Path("params.yaml")) -> None:
+    """Make the raw lake (storage.root) hold what the generated stream data/stream knew before --as-of
+    (`semid replay` lands day by day)."""
+    from components.data.landing import land as land_stream
+    from components.params import load_params
+    from components.storage import Layout
+
+    layout = Layout()
+    typer.echo(land_stream(layout.stream, layout, as_of.date(), load_params(params).storage.root))
 
 
 @app.command()

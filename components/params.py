@@ -23,6 +23,11 @@ class DataParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class StorageParams:
+    root: str = "data"  # where raw partitions land (<root>/raw) and the loop publishes: a local path or s3://b/p
+
+
+@dataclasses.dataclass(frozen=True)
 class ShiftParams:
     """A change of the synthetic world from start_day on, so that each drift check can be seen to fire."""
     kind: str = "none"  # "none" | "topic" | "flood" | "concentration"
@@ -194,6 +199,7 @@ class LoopParams:
 
 @dataclasses.dataclass(frozen=True)
 class Params:
+    storage: StorageParams = StorageParams()
     data: DataParams = DataParams()
     loop: LoopParams = LoopParams()
     world: WorldParams = WorldParams()

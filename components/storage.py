@@ -1,7 +1,8 @@
 """Where every artifact lives, and how it is written: always to a temporary name, then renamed into place,
 so a crash never leaves a half-written file or directory behind. Every S3 request goes through `S3` below:
 botocore retries transient faults (adaptive mode), each upload is verified by its SHA256 checksum, and a
-request that fails for good raises StorageError naming the operation and the URL."""
+request that fails for good raises StorageError naming the operation and the URL. `Lake` is storage.root, the
+one place raw partitions land and artifacts are published: a local directory or s3://bucket/prefix."""
 from __future__ import annotations
 
 import base64
@@ -326,10 +327,28 @@ def s3_checksum(path: Path) -> str:
     """The ChecksumSHA256 S3 stores for `path` uploaded in PART_BYTES parts (base64, as S3 reports it): the
     file's SHA256, or for a multipart upload the SHA256 of its parts' SHA256s and the part count."""
     with Path(path).open("rb") as fh:
-        parts = [hashlib.sha256(chunk).digest() for chunk in iter(lambda: fh.read(PART_BYTES), b"")]
-    if Path(path).stat().st_size < PART_BYTES:
-        return base64.b64encode(parts[0] if parts else hashlib.sha256(b"").digest()).decode()
+        return checksum_of(iter(lambda: fh.read(PART_BYTES), b""))
+
+
+def checksum_of(chunks: Iterable[bytes]) -> str:
+    """`s3_checksum` of the bytes `chunks` yield, whatever their sizes (re-blocked into PART_BYTES parts)."""
+    parts, buffer, size = [], b"", 0
+    for chunk in chunks:
+        buffer += chunk
+        size += len(chunk)
+        while len(buffer) >= PART_BYTES:
+            parts.append(hashlib.sha256(buffer[:PART_BYTES]).digest())
+            buffer = buffer[PART_BYTES:]
+    if buffer or not parts:
+        parts.append(hashlib.sha256(buffer).digest())
+    if size < PART_BYTES:
+        return base64.b64encode(parts[0]).decode()
     return f"{base64.b64encode(hashlib.sha256(b''.join(parts)).digest()).decode()}-{len(parts)}"
+
+
+def same_checksum(a: str, b: str) -> bool:
+    """Whether two checksums agree (S3 reports a multipart one with or without its "-N" part count)."""
+    return a.split("-")[0] == b.split("-")[0]
 
 
 def sha256_of(path: Path) -> str:
@@ -380,9 +399,27 @@ class S3:
             found = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
         if found is None:  # an S3-compatible store without checksums: read it back
             found, expected = self.sha256_of_object(bucket, key), sha256_of(path)
-        if found.split("-")[0] != expected.split("-")[0]:
+        if not same_checksum(found, expected):
             raise StorageError(f"verify s3://{bucket}/{key}: stored checksum {found}, expected {expected} "
                                f"of {path}")
+
+    def list(self, bucket: str, prefix: str) -> list[str]:
+        """Every key under `prefix`, in key order (one paginated listing: bounded memory per page)."""
+        keys = []
+        with self.request("list", bucket, prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys += [obj["Key"] for obj in page.get("Contents", [])]
+        return sorted(keys)
+
+    def checksum(self, bucket: str, key: str) -> str:
+        """The object's ChecksumSHA256 as S3 reports it (`s3_checksum`'s form); read back where a store keeps
+        none (an object someone uploaded without one)."""
+        with self.request("HeadObject", bucket, key):
+            found = self.client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
+        if found is None:
+            with self.request("read back (GetObject)", bucket, key):
+                found = checksum_of(self.client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(PART_BYTES))
+        return found
 
     def sha256_of_object(self, bucket: str, key: str) -> str:
         digest = hashlib.sha256()
@@ -414,3 +451,132 @@ class S3:
             return json.loads(body)
         except ValueError as exc:
             raise DataError(f"s3://{bucket}/{key}: not valid JSON ({exc})") from exc
+
+
+# -------------------------------------------------------------------------------------------------------------- Lake
+
+
+class Lake:
+    """storage.root: a tree of objects under '/'-separated keys, on a local disk or S3, with the same verified
+    operations on both. A checksum is the one S3 reports for an upload in PART_BYTES parts (`s3_checksum`)."""
+    url: str
+
+    @staticmethod
+    def at(root: str, base: Path = Path(".")) -> Lake:
+        """The lake of a storage.root value: s3://bucket/prefix, or a local path (relative to `base`)."""
+        if root.startswith("s3://"):
+            return S3Lake(*parse_s3_url(root))
+        if "://" in root:
+            raise StorageError(f"storage.root {root!r}: expected a local path or s3://bucket/prefix")
+        return LocalLake(Path(base) / root)
+
+    def child(self, prefix: str) -> Lake:
+        raise NotImplementedError
+
+    def checksums(self) -> dict[str, str]:
+        """{key: checksum} of every object under this lake."""
+        raise NotImplementedError
+
+    def put_file(self, path: Path, key: str) -> None:
+        """Store `path` under `key`; a reader sees the old object or the new one whole."""
+        raise NotImplementedError
+
+    def fetch(self, key: str, path: Path, checksum: str) -> None:
+        """Copy `key` to `path` atomically, refusing bytes whose checksum is not `checksum`."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def put_json(self, obj: object, key: str) -> None:
+        raise NotImplementedError
+
+    def get_json(self, key: str) -> dict:
+        raise NotImplementedError
+
+
+def _refuse_changed(where: str, path: Path, checksum: str) -> None:
+    found = s3_checksum(path)
+    if not same_checksum(found, checksum):
+        raise DataError(f"{where}: checksum {found}, expected {checksum} (changed since it was listed, or corrupt)")
+
+
+class LocalLake(Lake):
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def child(self, prefix: str) -> LocalLake:
+        return LocalLake(self.root / prefix)
+
+    def checksums(self) -> dict[str, str]:
+        if not self.root.is_dir():
+            return {}
+        return {p.relative_to(self.root).as_posix(): s3_checksum(p) for p in sorted(self.root.rglob("*"))
+                if p.is_file() and not TEMPORARY.fullmatch(p.name)}
+
+    def put_file(self, path: Path, key: str) -> None:
+        with atomic_path(self.root / key) as tmp:
+            shutil.copyfile(path, tmp)
+
+    def fetch(self, key: str, path: Path, checksum: str) -> None:
+        with atomic_path(path) as tmp:
+            try:
+                shutil.copyfile(self.root / key, tmp)
+            except FileNotFoundError:
+                raise DataError(f"{self.root / key}: not found in the lake (removed since it was listed)") from None
+            _refuse_changed(str(self.root / key), tmp, checksum)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+        for parent in (self.root / key).parents:  # empty partition directories go with their last file
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+
+    def put_json(self, obj: object, key: str) -> None:
+        write_json(obj, self.root / key)
+
+    def get_json(self, key: str) -> dict:
+        try:
+            return json.loads((self.root / key).read_text())
+        except FileNotFoundError:
+            raise DataError(f"{self.root / key}: not found") from None
+        except ValueError as exc:
+            raise DataError(f"{self.root / key}: not valid JSON ({exc})") from exc
+
+
+class S3Lake(Lake):
+    def __init__(self, bucket: str, prefix: str, s3: S3 | None = None):
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}"
+        self.s3 = s3 or S3()
+
+    def key(self, key: str) -> str:
+        return f"{self.prefix}/{key}"
+
+    def child(self, prefix: str) -> S3Lake:
+        return S3Lake(self.bucket, f"{self.prefix}/{prefix}", self.s3)
+
+    def checksums(self) -> dict[str, str]:
+        return {key[len(self.prefix) + 1:]: self.s3.checksum(self.bucket, key)
+                for key in self.s3.list(self.bucket, f"{self.prefix}/")}
+
+    def put_file(self, path: Path, key: str) -> None:
+        self.s3.upload(Path(path), self.bucket, self.key(key))
+
+    def fetch(self, key: str, path: Path, checksum: str) -> None:
+        with atomic_path(path) as tmp:
+            with self.s3.request("download", self.bucket, self.key(key)):
+                self.s3.client.download_file(self.bucket, self.key(key), str(tmp), Config=self.s3.transfer)
+            _refuse_changed(f"s3://{self.bucket}/{self.key(key)}", tmp, checksum)
+
+    def delete(self, key: str) -> None:
+        with self.s3.request("delete", self.bucket, self.key(key)):
+            self.s3.client.delete_object(Bucket=self.bucket, Key=self.key(key))
+
+    def put_json(self, obj: object, key: str) -> None:
+        self.s3.put_json(obj, self.bucket, self.key(key))
+
+    def get_json(self, key: str) -> dict:
+        return self.s3.get_json(self.bucket, self.key(key))

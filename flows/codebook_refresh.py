@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow
 
 from components.storage import Layout
-from flows import records, workspace
+from flows import publishing, records, workspace
 from flows.stages import FORCE_ENV, REPO, run_stage
 
 REFRESH_STAGES = ("train_rqvae", "backfill", "train_ranker")
@@ -34,6 +34,8 @@ def codebook_refresh(repo: str = str(REPO), force: bool = True) -> dict:
         for stage in REFRESH_STAGES:
             forced = force and stage == "train_rqvae"
             seconds[stage] = run_stage(stage, root, force=forced, env={FORCE_ENV: "1"} if forced else None)
+        seconds["publish"] = publishing.publish(root)
+        seconds["push"] = publishing.push(root, "semid-codebook-refresh: dvc.lock, metrics")
     return json.loads(Layout(root).serving.read_text())
 
 

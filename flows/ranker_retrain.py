@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from components.storage import Layout
-from flows import records, workspace
+from flows import publishing, records, workspace
 from flows.stages import REPO, run_stage
 
 
@@ -26,6 +26,8 @@ def ranker_retrain(repo: str = str(REPO)) -> dict:
     with (workspace.held(root, "semid-ranker-retrain"),
           records.recorded(root, "semid-ranker-retrain", ["train_ranker"]) as seconds):
         seconds["train_ranker"] = run_stage("train_ranker", root)
+        seconds["publish"] = publishing.publish(root)
+        seconds["push"] = publishing.push(root, "semid-ranker-retrain: dvc.lock, metrics")
     return json.loads(Layout(root).serving.read_text())
 
 

@@ -28,12 +28,12 @@ import yaml
 from prefect.runtime import flow_run
 
 from components import provenance
+from components.data.lake import raw_days
 from components.data.landing import land
 from components.data.world import run_generate
 from components.errors import DataError
 from components.params import load_params
 from components.storage import Layout, write_json
-from components.window import data_span
 from flows.stages import FORCE_ENV, repro
 
 NOISY_OUTPUTS = ("reports/drift/report.html", "reports/ranker/record.json")
@@ -88,9 +88,9 @@ def recorded(root: Path, flow: str, stages: list[str], landed_as_of: dt.date | N
 def finish(root: Path, record: dict, status: str, seconds: dict[str, float]) -> Path:
     """Complete the record with the outcome, the effective params and the metrics, and write runs/<run_id>.json."""
     root = Path(root)
-    span = data_span(Layout(root).raw) if (root / "data" / "raw" / "events").is_dir() else None
+    days = raw_days(Layout(root)) if (root / "data" / "raw").is_dir() else []
     params = dataclasses.asdict(load_params(root / "params.yaml"))
-    params["loop"]["as_of"] = params["loop"]["as_of"] or (span.end.date() if span else None)
+    params["loop"]["as_of"] = params["loop"]["as_of"] or (days[-1] + dt.timedelta(days=1) if days else None)
     metrics = {p.stem: json.loads(p.read_text()) for p in sorted((root / "metrics").glob("*.json"))}
     record = {**record, "status": status, "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
               "as_of": str(params["loop"]["as_of"]),
@@ -162,7 +162,8 @@ def reproduce(root: Path, run_id: str, workdir: Path | None = None) -> dict:
     code = {"PYTHONPATH": str(work)}  # the stages run the clone's code: the run's commit
     if record["landed"]:
         run_generate(load_params(work / "params.yaml").world, layout, into=layout.stream)
-        land(layout.stream, layout.raw, dt.date.fromisoformat(record["landed"]["as_of"]))
+        # Into the clone's own data/raw, whatever storage.root says: a reproduction never touches the live lake.
+        land(layout.stream, layout, dt.date.fromisoformat(record["landed"]["as_of"]))
     elif "generate" in record["stages"]:
         repro("generate", work, env=code)
     for stage in (s for s in record["stages"] if s != "generate"):

@@ -1,7 +1,8 @@
-"""Test-wide settings: no telemetry, no network, throwaway Prefect home; shared small worlds."""
+"""Test-wide settings: no telemetry, no network, throwaway Prefect home; shared small worlds; the S3 endpoint."""
 import dataclasses
 import os
 import tempfile
+import uuid
 
 import pytest
 
@@ -27,3 +28,35 @@ def default_world(tmp_path_factory) -> tuple[Layout, dict]:
 def small_world_params() -> WorldParams:
     """A world small enough for end-to-end tests of later stages (seconds, not minutes)."""
     return dataclasses.replace(WorldParams(), days=10, active_items=200, impressions_per_day=3000, users=500)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """The S3 endpoint the S3 tests run against: S3_TEST_ENDPOINT when set (the moto_server `make test` starts,
+    MinIO or AWS, with the AWS_* credentials of the environment), else a moto server started here. Dummy
+    credentials are set only where none are."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not os.environ.get("AWS_ACCESS_KEY_ID"):
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.delenv("AWS_PROFILE", raising=False)
+        mp.setenv("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        if os.environ.get("S3_TEST_ENDPOINT"):
+            yield os.environ["S3_TEST_ENDPOINT"].rstrip("/")
+            return
+        from moto.server import ThreadedMotoServer
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+        server.start()
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+        server.stop()
+
+
+def new_bucket(endpoint: str, label: str) -> str:
+    """A new, empty bucket named for `label`, unique across runs (a MinIO or AWS endpoint outlives the tests)."""
+    import boto3
+
+    name = f"{label.lower().replace('_', '-')[:40].strip('-')}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return name

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
+from conftest import new_bucket
 from test_pipeline import BIN, SMALL_WORLD, STAGES, pipeline_repo, run
 
 pytestmark = pytest.mark.integration
@@ -92,15 +92,8 @@ def bucket_objects(endpoint: str, bucket: str) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def endpoint(monkeypatch):
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", "us-east-1")):
-        monkeypatch.setenv(key, value)
-    yield f"http://{host}:{port}"
-    server.stop()
+def endpoint(s3_endpoint) -> str:
+    return s3_endpoint
 
 
 def test_sigkill_mid_publish_leaves_current_readable_and_a_rerun_stores_the_same_objects(tmp_path, reference,
@@ -108,29 +101,27 @@ def test_sigkill_mid_publish_leaves_current_readable_and_a_rerun_stores_the_same
     _, _, snapshots = reference
     root = tmp_path / "workspace"
     shutil.copytree(snapshots / "drift", root, symlinks=True)  # the store and its codebook are written
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    for bucket in ("uninterrupted", "killed"):
-        s3.create_bucket(Bucket=bucket)
+    uninterrupted, killed = new_bucket(endpoint, "uninterrupted"), new_bucket(endpoint, "killed")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
     def publish(bucket: str) -> list[str]:
         return ["semid", "backfill", "--publish", f"s3://{bucket}/semids", "--endpoint-url", endpoint]
 
     started = time.perf_counter()
-    subprocess.run(publish("uninterrupted"), cwd=root, env=env, check=True, capture_output=True)
+    subprocess.run(publish(uninterrupted), cwd=root, env=env, check=True, capture_output=True)
     seconds = time.perf_counter() - started
     delay = random.Random("publish").uniform(0.3, 0.95) * seconds
-    worker = subprocess.Popen(publish("killed"), cwd=root, env=env, start_new_session=True,
+    worker = subprocess.Popen(publish(killed), cwd=root, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
 
-    stored = bucket_objects(endpoint, "killed")
+    stored = bucket_objects(endpoint, killed)
     if "semids/CURRENT" in stored:  # whatever CURRENT names is whole: its manifest and every part
-        manifest = json.loads(stored[json.loads(stored["semids/CURRENT"])["manifest"]])
-        for part in manifest["parts"]:
-            assert hashlib.sha256(stored[part["key"]]).hexdigest() == part["sha256"]
-    subprocess.run(publish("killed"), cwd=root, env=env, check=True, capture_output=True)
-    assert bucket_objects(endpoint, "killed") == bucket_objects(endpoint, "uninterrupted"), \
+        manifest = json.loads(stored["semids/" + json.loads(stored["semids/CURRENT"])["manifest"]])
+        for part in manifest["parts"]:  # keys relative to the published prefix
+            assert hashlib.sha256(stored["semids/" + part["key"]]).hexdigest() == part["sha256"]
+    subprocess.run(publish(killed), cwd=root, env=env, check=True, capture_output=True)
+    assert bucket_objects(endpoint, killed) == bucket_objects(endpoint, uninterrupted), \
         f"killed at {delay:.2f} s of {seconds:.2f} s"

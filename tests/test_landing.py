@@ -27,7 +27,7 @@ def test_landing_holds_exactly_what_was_known_before_the_day(stream, tmp_path):
     lake = Layout(tmp_path).raw
     start = data_span(stream.stream).start.date()
     as_of = start + dt.timedelta(days=4)
-    moved = land(stream.stream, lake, as_of)
+    moved = land(stream.stream, Layout(tmp_path), as_of)
     assert moved["partitions_landed"] == 4 and data_span(lake).end.date() == as_of
     for day in range(4):  # the same bytes as the stream
         name = f"date={start + dt.timedelta(days=day)}"
@@ -43,19 +43,18 @@ def test_landing_holds_exactly_what_was_known_before_the_day(stream, tmp_path):
 def test_landing_day_by_day_copies_one_partition_and_restarts_earlier(stream, tmp_path):
     lake = Layout(tmp_path).raw
     start = data_span(stream.stream).start.date()
-    land(stream.stream, lake, start + dt.timedelta(days=3))
-    assert land(stream.stream, lake, start + dt.timedelta(days=4))["partitions_landed"] == 1
-    assert land(stream.stream, lake, start + dt.timedelta(days=4))["partitions_landed"] == 0
-    back = land(stream.stream, lake, start + dt.timedelta(days=2))
+    land(stream.stream, Layout(tmp_path), start + dt.timedelta(days=3))
+    assert land(stream.stream, Layout(tmp_path), start + dt.timedelta(days=4))["partitions_landed"] == 1
+    assert land(stream.stream, Layout(tmp_path), start + dt.timedelta(days=4))["partitions_landed"] == 0
+    back = land(stream.stream, Layout(tmp_path), start + dt.timedelta(days=2))
     assert back["partitions_removed"] == 2 and len(list(lake.events.iterdir())) == 2
 
 
 def test_landing_outside_the_stream_is_a_clear_error(stream, tmp_path):
-    lake = Layout(tmp_path).raw
     span = data_span(stream.stream)
     with pytest.raises(DataError, match="generate a longer world"):
-        land(stream.stream, lake, span.end.date() + dt.timedelta(days=1))
+        land(stream.stream, Layout(tmp_path), span.end.date() + dt.timedelta(days=1))
     with pytest.raises(DataError, match="nothing to land"):
-        land(stream.stream, lake, span.start.date())
+        land(stream.stream, Layout(tmp_path), span.start.date())
     with pytest.raises(DataError, match="no generated stream"):
-        land(Layout(tmp_path / "empty").stream, lake, span.end.date())
+        land(Layout(tmp_path / "empty").stream, Layout(tmp_path), span.end.date())

@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 
 from components import storage
 from components.errors import CodebookVersionMismatch, DataError
@@ -17,6 +16,7 @@ from components.semid import publish as pub
 from components.semid import rqvae
 from components.semid.backfill import run_backfill
 from components.storage import Layout, StorageError
+from conftest import new_bucket
 from s3_faults import FaultyProxy
 
 pytestmark = pytest.mark.integration
@@ -24,27 +24,15 @@ pytestmark = pytest.mark.integration
 KMEANS = RQVAEParams(method="rqkmeans", levels=2, codebook_size=8)  # no training loop: milliseconds
 
 
-@pytest.fixture(scope="module")
-def endpoint():
-    """A moto S3 server on a free localhost port, with dummy AWS_* credentials for the module."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                           ("AWS_DEFAULT_REGION", "us-east-1")):
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        yield f"http://{host}:{port}"
-    server.stop()
+@pytest.fixture
+def endpoint(s3_endpoint) -> str:
+    return s3_endpoint
 
 
 @pytest.fixture
 def bucket(endpoint, request) -> str:
-    """A fresh bucket per test (name from the test's name, within S3's 63 characters)."""
-    name = request.node.name.lower().replace("_", "-")[:50].strip("-")
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
-    return name
+    """A fresh bucket per test, named for it."""
+    return new_bucket(endpoint, request.node.name)
 
 
 def release(root, seed: int) -> Layout:
@@ -66,7 +54,7 @@ def test_publish_then_read_pointer_and_download_the_same_bytes(tmp_path, endpoin
     version, checkpoint = rqvae.read_current(layout.rqvae)
     url = f"s3://{bucket}/semids/prod"
     pointer = pub.publish_current(layout, url, endpoint_url=endpoint)
-    assert pointer == {"codebook_version": version, "manifest": f"semids/prod/{version}/manifest.json"}
+    assert pointer == {"codebook_version": version, "manifest": f"{version}/manifest.json"}
     assert pub.read_current_pointer(url, endpoint) == pointer
     files = pub.download(url, None, tmp_path / "dest", endpoint)
     store = layout.semids.name  # <codebook_version>.parquet beside <codebook_version>.pt
@@ -86,16 +74,14 @@ def test_transient_503s_are_retried_and_the_same_bytes_are_stored(tmp_path, endp
     """503 SlowDown to the first 3 requests and then to every 4th: publish completes, and the bucket holds
     exactly what a fault-free publish stores."""
     layout = release(tmp_path / "a", seed=0)
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    for name in ("fault-free", "faulty"):
-        s3.create_bucket(Bucket=name)
-    pub.publish_current(layout, "s3://fault-free/semids", endpoint_url=endpoint)
+    fault_free, faulty = new_bucket(endpoint, "fault-free"), new_bucket(endpoint, "faulty")
+    pub.publish_current(layout, f"s3://{fault_free}/semids", endpoint_url=endpoint)
     with FaultyProxy(endpoint, first=3, every=4) as proxy:
-        pointer = pub.publish_current(layout, "s3://faulty/semids", endpoint_url=proxy.url)
-        assert pub.read_current_pointer("s3://faulty/semids", proxy.url) == pointer
-        files = pub.download("s3://faulty/semids", None, tmp_path / "dest", proxy.url)
+        pointer = pub.publish_current(layout, f"s3://{faulty}/semids", endpoint_url=proxy.url)
+        assert pub.read_current_pointer(f"s3://{faulty}/semids", proxy.url) == pointer
+        files = pub.download(f"s3://{faulty}/semids", None, tmp_path / "dest", proxy.url)
     assert proxy.faults >= 4 and proxy.requests > proxy.faults
-    assert objects(endpoint, "faulty") == objects(endpoint, "fault-free")
+    assert objects(endpoint, faulty) == objects(endpoint, fault_free)
     assert files[layout.semids.name].read_bytes() == layout.semids.read_bytes()
 
 

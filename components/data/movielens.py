@@ -272,14 +272,16 @@ def _write_events(out: DataDir, events: pl.DataFrame) -> int:
     return len(days)
 
 
-def run_import(directory: Path, layout: Layout) -> None:
-    """Replace data/raw with the release in `directory`, whole: a failed import leaves the old one as it was."""
+def run_import(directory: Path, layout: Layout, into: DataDir | None = None) -> None:
+    """Replace data/raw (or `into`) with the release in `directory`, whole: a failed import leaves the old one as
+    it was."""
+    into = into or layout.raw
     fmt = detect(directory)
     items, events = _load(fmt, directory)
-    with staged_dir(layout.raw.root) as tmp:
+    with staged_dir(into.root) as tmp:
         out = DataDir(tmp)
         out.write_items(items)
         days = _write_events(out, events)
     log.info("imported %s release %s: %s items, %s events, %s .. %s (%s days) -> %s", fmt.name, directory,
              f"{len(items):,}", f"{len(events):,}", events["ts"][0].date(), events["ts"][-1].date(), f"{days:,}",
-             layout.raw.root)
+             into.root)

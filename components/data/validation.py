@@ -44,6 +44,7 @@ from great_expectations.validator.v1_validator import Validator  # noqa: E402
 
 from components import provenance  # noqa: E402
 from components.data import contracts  # noqa: E402
+from components.data.lake import readable_raw  # noqa: E402
 from components.errors import DataError, ParamsError, SemidError, ValidationFailed  # noqa: E402
 from components.params import ValidationParams  # noqa: E402
 from components.storage import DataDir, Layout, staged_dir, write_metrics, write_parquet, write_text  # noqa: E402
@@ -469,12 +470,24 @@ def render_report(metrics: dict, tallies: list[Tally]) -> str:
 
 
 def run_validate(params: ValidationParams, layout: Layout) -> dict:
-    """Gate data/raw: write data/validated and data/quarantine when it passes, metrics and report always.
+    """Gate data/raw (or the lake it lists): write data/validated and data/quarantine when it passes, metrics and
+    report always.
 
     Raises DataError for an unreadable file or a broken schema, ValidationFailed when checks fail beyond
     `max_bad_fraction` or the window holds no events.
     """
-    clock, raw = Stopwatch(), layout.raw
+    with readable_raw(layout, lambda days: window_of(days, params).covers_day) as raw:
+        return validate(raw, params, layout)
+
+
+def window_of(days: list[dt.date], params: ValidationParams) -> Window:
+    """The window select_window picks for events on `days` (none at all: an empty one)."""
+    window, _ = select_window([(day, None) for day in days], params)
+    return window or Window(dt.date.min, dt.date.min)
+
+
+def validate(raw: DataDir, params: ValidationParams, layout: Layout) -> dict:
+    clock = Stopwatch()
     window, tallies = None, []
     try:
         with clock("read"):
@@ -492,7 +505,7 @@ def run_validate(params: ValidationParams, layout: Layout) -> dict:
         lookup = item_lookup(items, kept_mask(len(items), items_bad))
         tallies.append(check_events(files, dense, lookup, window, params, raw, clock))
     except SemidError as exc:
-        _publish(layout, params, window, tallies, [str(exc)], False, clock)
+        _publish(raw, layout, params, window, tallies, [str(exc)], False, clock)
         raise
     events_bad = bad_frame(tallies[1], {**contracts.EVENTS, **{c: contracts.DENSE for c in dense}})
     passed = all(quarantined(t, params) for t in tallies)
@@ -501,7 +514,7 @@ def run_validate(params: ValidationParams, layout: Layout) -> dict:
         with clock("write"):
             write_validated(raw, layout.validated.root, files, items_bad, events_bad)
             write_quarantine(layout, items_bad, events_bad)
-    metrics = _publish(layout, params, window, tallies, lines, passed, clock)
+    metrics = _publish(raw, layout, params, window, tallies, lines, passed, clock)
     if not passed:
         raise ValidationFailed("\n".join(lines))
     for line in lines:
@@ -511,11 +524,11 @@ def run_validate(params: ValidationParams, layout: Layout) -> dict:
     return metrics
 
 
-def _publish(layout: Layout, params: ValidationParams, window: Window | None, tallies: list[Tally],
+def _publish(raw: DataDir, layout: Layout, params: ValidationParams, window: Window | None, tallies: list[Tally],
              failures: list[str], passed: bool, clock: Stopwatch) -> dict:
     """Write metrics/validation.json and the markdown report; return the metrics."""
     with clock("provenance"):
-        sources = [p for p in (layout.raw.items, layout.raw.events) if p.exists()]
+        sources = [p for p in (raw.items, raw.events) if p.exists()]
         version = {"code_version": provenance.code_version(), "data_version": provenance.data_version(sources)}
     metrics = {
         "success": passed,

@@ -1,4 +1,5 @@
-"""Publish the SemID store and its checkpoint to S3 (or an S3-compatible store) for online readers.
+"""Publish the SemID store and its checkpoint to S3 (or an S3-compatible store, or any storage.root) for online
+readers. Keys are relative to the prefix, so a published tree can be moved:
 
     s3://bucket/prefix/<codebook_version>/<sha256[:16]>/<codebook_version>.parquet  parts, content-addressed:
     s3://bucket/prefix/<codebook_version>/<sha256[:16]>/<codebook_version>.pt       a re-publish never
@@ -19,7 +20,7 @@ from pathlib import Path
 from components.errors import CodebookVersionMismatch
 from components.semid import rqvae
 from components.semid.store import read_store
-from components.storage import S3, Layout, StorageError, parse_s3_url, sha256_of
+from components.storage import S3, Lake, Layout, S3Lake, StorageError, parse_s3_url, s3_checksum, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,13 @@ POINTER = "CURRENT"
 MANIFEST = "manifest.json"
 
 
-def manifest_of(version: str, prefix: str, files: list[Path]) -> dict:
-    """Name, key, size and sha256 of each part to publish under prefix/<version>/."""
+def manifest_of(version: str, files: list[Path]) -> dict:
+    """Name, key, size, sha256 and S3 checksum of each part to publish under <version>/."""
     parts = []
     for f in files:
         digest = sha256_of(f)
-        parts.append({"name": f.name, "key": f"{prefix}/{version}/{digest[:16]}/{f.name}",
-                      "size": f.stat().st_size, "sha256": digest})
+        parts.append({"name": f.name, "key": f"{version}/{digest[:16]}/{f.name}", "size": f.stat().st_size,
+                      "sha256": digest, "checksum": s3_checksum(f)})
     return {"codebook_version": version, "parts": parts}
 
 
@@ -52,19 +53,24 @@ def publish(store_path: Path, checkpoint_path: Path, url: str, endpoint_url: str
     Returns the pointer written."""
     bucket, prefix = parse_s3_url(url)
     version = checked_version(Path(store_path), Path(checkpoint_path))
-    manifest = manifest_of(version, prefix, [Path(store_path), Path(checkpoint_path)])
-    manifest_key = f"{prefix}/{version}/{MANIFEST}"
+    return publish_in(S3Lake(bucket, prefix, S3(endpoint_url)), Path(store_path), Path(checkpoint_path), version)
+
+
+def publish_in(lake: Lake, store_path: Path, checkpoint_path: Path, version: str | None = None) -> dict:
+    """`publish` into a lake: parts (each verified), manifest, then CURRENT, each step only after the one before."""
+    version = version or checked_version(store_path, checkpoint_path)
+    manifest = manifest_of(version, [store_path, checkpoint_path])
+    manifest_key = f"{version}/{MANIFEST}"
     pointer = {"codebook_version": version, "manifest": manifest_key}
-    s3 = S3(endpoint_url)
     try:
         for part, path in zip(manifest["parts"], [store_path, checkpoint_path]):
-            s3.upload(Path(path), bucket, part["key"])
-        s3.put_json(manifest, bucket, manifest_key)
-        s3.put_json(pointer, bucket, f"{prefix}/{POINTER}")
+            lake.put_file(path, part["key"])
+        lake.put_json(manifest, manifest_key)
+        lake.put_json(pointer, POINTER)
     except StorageError as exc:
-        raise StorageError(f"publishing codebook_version {version} to {url}: {exc}; CURRENT left "
+        raise StorageError(f"publishing codebook_version {version} to {lake.url}: {exc}; CURRENT left "
                            f"unchanged") from None
-    log.info("published codebook_version %s to %s", version, url)
+    log.info("published codebook_version %s to %s", version, lake.url)
     return pointer
 
 
@@ -90,6 +96,6 @@ def download(url: str, version: str | None, dest: Path, endpoint_url: str | None
     paths = {}
     for part in manifest["parts"]:
         path = Path(dest) / part["name"]
-        s3.download(bucket, part["key"], path, part["sha256"])
+        s3.download(bucket, f"{prefix}/{part['key']}", path, part["sha256"])
         paths[part["name"]] = path
     return paths
