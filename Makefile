@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: setup repro test flow replay
+.PHONY: setup repro test flow replay s3
 
 setup: $(STAMP)
 
@@ -24,8 +24,13 @@ $(STAMP): requirements.lock pyproject.toml
 repro: setup
 	dvc repro
 
+# The S3 tests run against a local moto_server that this starts and stops (S3_TEST_ENDPOINT: MinIO or AWS instead).
 test: setup
-	pytest
+	if [ -n "$$S3_TEST_ENDPOINT" ]; then pytest; else python infra/local_s3.py --port 0 -- pytest; fi
+
+# A local S3 endpoint for development: 127.0.0.1:5555, bucket semid (prints the settings to export).
+s3: setup
+	python infra/local_s3.py
 
 flow: setup
 	python -m flows.daily

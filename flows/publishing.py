@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -35,7 +36,8 @@ from components import serving
 from components.data.lake import raw_days
 from components.params import load_params
 from components.semid.publish import publish_in
-from components.storage import Lake, Layout, LocalLake, StorageError, s3_checksum, sha256_of
+from components.storage import (MAX_ATTEMPTS, RETRY_MODE, Lake, Layout, LocalLake, StorageError, s3_checksum,
+                                sha256_of)
 from flows.stages import RETRY_DELAYS_S, stage_env
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,10 @@ def publish(repo: Path) -> float:
 
 
 def command(cmd: list[str], repo: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=stage_env(None))
+    """Run `cmd` in the workspace; DVC's S3 client retries like ours unless AWS_RETRY_MODE/AWS_MAX_ATTEMPTS say."""
+    retries = {"AWS_RETRY_MODE": RETRY_MODE, "AWS_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}
+    env = stage_env({k: os.environ.get(k, v) for k, v in retries.items()})
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
         raise PushFailed(f"`{' '.join(cmd[2:] if cmd[0] == sys.executable else cmd)}` in {repo} exited "

@@ -1,5 +1,6 @@
 """The versioned-artifact helper: content-hashed checkpoints and their pointer files, for any model."""
 import json
+import os
 
 import pytest
 import torch
@@ -38,6 +39,26 @@ def test_an_edited_or_missing_checkpoint_is_refused(tmp_path):
         checkpoints.load(KIND, tmp_path / "edited.pt", toy)
     with pytest.raises(DataError, match=r"toy checkpoint not found \(run `make toy` first\)"):
         checkpoints.load(KIND, tmp_path / "missing.pt", toy)
+
+
+class Payload:
+    """What a malicious checkpoint carries: unpickling it would run os.system."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_bearing_checkpoint_is_refused_by_name_and_runs_nothing(tmp_path):
+    version, path = checkpoints.save(KIND, tmp_path, {"inputs": 2}, toy({"inputs": 2}).state_dict(), {})
+    ckpt = torch.load(path, weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**ckpt, "extra": Payload(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(DataError, match=rf"{tmp_path / 'evil.pt'}: not a valid semid toy checkpoint "
+                                        r"\(UnpicklingError: Weights only load failed"):
+        checkpoints.load(KIND, tmp_path / "evil.pt", toy)
+    assert not marker.exists()
 
 
 def test_the_pointer_names_an_existing_checkpoint(tmp_path):

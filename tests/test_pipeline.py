@@ -147,7 +147,7 @@ def test_dvc_the_way_its_users_expect(repo):
 
 def test_daily_flow_runs_stages_in_order_and_fails_on_a_failing_stage(repo):
     proc = run([sys.executable, "-m", "flows.daily", "--repo", str(repo)], REPO)
-    assert list(json.loads(proc.stdout.strip().splitlines()[-1])) == ["land", *STAGES[1:]]
+    assert list(json.loads(proc.stdout.strip().splitlines()[-1])) == ["land", *STAGES[1:], "publish", "push"]
     assert json.loads((repo / "metrics" / "validation.json").read_text())["success"] == 1
     verdict = json.loads((repo / "reports" / "drift" / "summary.json").read_text())["verdict"]
     artifact = run([sys.executable, "-m", "prefect", "artifact", "inspect", "drift-verdict"], REPO).stdout

@@ -90,7 +90,8 @@ def test_every_day_left_a_run_record_to_list_and_show(replayed):
     boundary = next(line.split()[0] for line in lines if f"as of {BOUNDARY}" in line)
     record = json.loads(semid(layout.root, "runs", "show", boundary).stdout)
     assert record["params"]["loop"]["as_of"] == BOUNDARY.isoformat() and record["landed"]["as_of"] == str(BOUNDARY)
-    assert set(record["seconds"]) == {"land", "validate", "embed", "train_rqvae", "backfill", "drift", "train_ranker"}
+    assert set(record["seconds"]) == {"land", "validate", "embed", "train_rqvae", "backfill", "drift", "train_ranker",
+                                      "publish", "push"}
     assert record["metrics"]["rqvae"]["refreshed"] == 1 and len(record["code_version"]) >= 40
 
 
