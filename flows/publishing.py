@@ -38,7 +38,7 @@ from components.params import load_params
 from components.semid.publish import publish_in
 from components.storage import (MAX_ATTEMPTS, RETRY_MODE, Lake, Layout, LocalLake, StorageError, s3_checksum,
                                 sha256_of)
-from flows.stages import RETRY_DELAYS_S, stage_env
+from flows.stages import RETRY_DELAYS_S, retry_on, stage_env
 
 log = logging.getLogger(__name__)
 REPORTS = ("drift/summary.html", "drift/summary.json", "drift/report.html", "validation/report.md")
@@ -90,15 +90,7 @@ class PushFailed(RuntimeError):
     """`dvc push` or `git push` failed: the message carries the command and the tail of its output."""
 
 
-def storage_fault(task, task_run, state) -> bool:
-    """Retry the faults of a remote store, which pass; not a bug or bad input, which would fail again."""
-    try:
-        state.result()
-    except (StorageError, PushFailed):
-        return True
-    except Exception:
-        return False
-    return False
+storage_fault = retry_on(StorageError, PushFailed)  # a remote store's faults pass
 
 
 @task(name="publish", cache_policy=NONE, retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,

@@ -42,15 +42,21 @@ class StageKilled(RuntimeError):
     """The stage's process was killed by a signal (out of memory, a node going away): worth another try."""
 
 
-def transient(task, task_run, state) -> bool:
-    """Retry only the faults that pass."""
-    try:
-        state.result()
-    except (WorkspaceBusy, StageKilled):
-        return True
-    except Exception:
+def retry_on(*faults: type[BaseException]):
+    """A Prefect retry_condition_fn that retries only `faults`, the faults that pass: not a bug or bad input,
+    which would fail again."""
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except faults:
+            return True
+        except Exception:
+            return False
         return False
-    return False
+    return condition
+
+
+transient = retry_on(WorkspaceBusy, StageKilled)
 
 
 def pipeline_stages(repo: Path) -> dict[str, dict]:
