@@ -5,6 +5,7 @@ request that fails for good raises StorageError naming the operation and the URL
 one place raw partitions land and artifacts are published: a local directory or s3://bucket/prefix."""
 from __future__ import annotations
 
+import abc
 import base64
 import contextlib
 import dataclasses
@@ -456,7 +457,7 @@ class S3:
 # -------------------------------------------------------------------------------------------------------------- Lake
 
 
-class Lake:
+class Lake(abc.ABC):
     """storage.root: a tree of objects under '/'-separated keys, on a local disk or S3, with the same verified
     operations on both. A checksum is the one S3 reports for an upload in PART_BYTES parts (`s3_checksum`)."""
     url: str
@@ -470,29 +471,33 @@ class Lake:
             raise StorageError(f"storage.root {root!r}: expected a local path or s3://bucket/prefix")
         return LocalLake(Path(base) / root)
 
+    @abc.abstractmethod
     def child(self, prefix: str) -> Lake:
-        raise NotImplementedError
+        """The lake under `prefix` (keys relative to it)."""
 
+    @abc.abstractmethod
     def checksums(self) -> dict[str, str]:
         """{key: checksum} of every object under this lake."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def put_file(self, path: Path, key: str) -> None:
         """Store `path` under `key`; a reader sees the old object or the new one whole."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def fetch(self, key: str, path: Path, checksum: str) -> None:
         """Copy `key` to `path` atomically, refusing bytes whose checksum is not `checksum`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
-        raise NotImplementedError
+        """Remove `key` (gone already: nothing to do)."""
 
+    @abc.abstractmethod
     def put_json(self, obj: object, key: str) -> None:
-        raise NotImplementedError
+        """Store `obj` as JSON under `key`, whole (one PUT, or one rename)."""
 
+    @abc.abstractmethod
     def get_json(self, key: str) -> dict:
-        raise NotImplementedError
+        """The JSON object under `key`; an error naming it when it is missing or unreadable."""
 
 
 def _refuse_changed(where: str, path: Path, checksum: str) -> None:
