@@ -1,7 +1,7 @@
-"""Integration: the loop with storage.root on S3 (a local endpoint). The daily flow runs end to end, lands the lake,
-publishes what serves and pushes to the DVC remote on S3; a second fresh clone runs `dvc pull` + `dvc repro` and
-finds everything up to date. `dvc push` and `dvc pull` through a proxy answering 503 SlowDown store and bring back
-the same bytes. No credential appears in any output, log, Prefect artifact or published object."""
+"""Integration: the loop with storage.root on S3 (a local endpoint). The daily flow runs end to end through 503s,
+lands the lake, publishes what serves and pushes to the DVC remote on S3; a second fresh clone runs `dvc pull` +
+`dvc repro` and finds everything up to date. `dvc push` and `dvc pull` through a proxy answering 503 SlowDown store
+and bring back the same bytes. No credential appears in any output, log, Prefect artifact or published object."""
 import json
 import os
 import subprocess
@@ -54,14 +54,20 @@ def loop(tmp_path_factory, s3_endpoint):
     a = pipeline_repo(tmp / "a", SMALL_WORLD, storage={"root": f"s3://{bucket}/lake"})
     remote = run(["semid", "remote"], a, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "DVC remote from storage.root"], a, env)
-    flow = run([sys.executable, "-m", "flows.daily", "--repo", str(a)], REPO, env)
+    with FaultyProxy(s3_endpoint, first=2, every=7) as proxy:  # the whole run's S3 traffic meets 503 SlowDown
+        flow = run([sys.executable, "-m", "flows.daily", "--repo", str(a)], REPO,
+                   {**env, "AWS_ENDPOINT_URL_S3": proxy.url})
     return {"a": a, "bucket": bucket, "env": env, "tmp": tmp, "secrets": secrets, "endpoint": s3_endpoint,
+            "faults": proxy.faults, "requests": proxy.requests,
             "logs": remote.stdout + remote.stderr + flow.stdout + flow.stderr, "seconds": json.loads(
                 flow.stdout.strip().splitlines()[-1])}
 
 
-def test_the_daily_flow_lands_publishes_and_pushes_to_s3(loop):
+def test_the_daily_flow_lands_publishes_and_pushes_to_s3_through_503s(loop):
+    """Every S3 request of the run (landing, validate's reads, publish, dvc push) went through a proxy answering
+    503 SlowDown to the first 2 and then every 7th: what is stored is what the workspace holds."""
     a, stored = loop["a"], objects(loop["endpoint"], loop["bucket"], "lake/")
+    assert loop["faults"] >= 10 and loop["requests"] > 5 * loop["faults"]
     assert list(loop["seconds"]) == ["land", "validate", "embed", "train_rqvae", "backfill", "drift",
                                      "train_ranker", "publish", "push"]
     assert [p.name for p in (a / "data" / "raw").iterdir()] == ["lake.json"]  # the lake is on S3
