@@ -79,6 +79,15 @@ def land_files(source: DataDir, lake: Lake, layout: Layout, remove: Callable[[st
     return copied, removed
 
 
+def spool_dir(layout: Layout, tag: str) -> Path:
+    """An empty directory beside data/raw, named for this process: a killed run's is swept by the next command
+    (components/storage.py, sweep_temporaries)."""
+    layout.raw.root.parent.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix=f".raw.{os.getpid()}-{tag}", suffix=".tmp", dir=layout.raw.root.parent))
+    spool.chmod(0o777 & ~UMASK)
+    return spool
+
+
 @contextlib.contextmanager
 def landing_in(lake: Lake, layout: Layout) -> Iterator[DataDir]:
     """A directory to write a whole raw layout into (generate, a MovieLens import): data/raw itself when the lake
@@ -86,8 +95,7 @@ def landing_in(lake: Lake, layout: Layout) -> Iterator[DataDir]:
     if in_place(lake, layout):
         yield layout.raw
         return
-    spool = Path(tempfile.mkdtemp(prefix=f".raw.{os.getpid()}-landing", suffix=".tmp", dir=layout.root / "data")
-                 if (layout.root / "data").is_dir() else tempfile.mkdtemp())
+    spool = spool_dir(layout, "landing")
     try:
         yield DataDir(spool / "raw")
         copied, removed = land_files(DataDir(spool / "raw"), lake, layout, remove=lambda key: True)
@@ -150,10 +158,7 @@ def readable_raw(layout: Layout, keep_day: Callable[[list[dt.date]], Callable[[d
         raise DataError(f"{layout.raw.root / LISTING}: lists no {ITEMS}")
     keep = keep_day(sorted({d for d in map(key_day, objects) if d is not None}))
     wanted = [ITEMS] + [k for k in sorted(objects) if (day := key_day(k)) is not None and keep(day)]
-    layout.raw.root.parent.mkdir(parents=True, exist_ok=True)
-    spool = Path(tempfile.mkdtemp(prefix=f".raw.{os.getpid()}-spool", suffix=".tmp",
-                                  dir=layout.raw.root.parent))
-    spool.chmod(0o777 & ~UMASK)
+    spool = spool_dir(layout, "reading")
     try:
         for key in track(wanted, description=f"reading {lake.url}", disable=len(wanted) < 20):
             lake.fetch(key, spool / key, objects[key])
