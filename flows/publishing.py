@@ -1,7 +1,8 @@
 """The last two tasks of every flow run, after its stages succeeded: publish to storage.root what serves and the
-reports, then version the run: `dvc push` to the default DVC remote and a git commit of
-dvc.lock and metrics/, pushed to the branch's upstream when it has one. A fresh worker then runs `git pull` (or
-clones), `dvc pull` and `dvc repro`, and finds every stage up to date.
+reports, then version the run: `dvc push` to the default DVC remote and a git commit of dvc.lock and metrics/,
+pushed to the git remote SEMID_GIT_PUSH names (e.g. origin; unset, the commit stays in the workspace: a clone
+someone runs by hand never pushes). A fresh worker then runs `git clone` (or `git pull`), `dvc pull` and
+`dvc repro`, and finds every stage up to date.
 
 Both retry transient S3 faults (Prefect retries above botocore's); without a default DVC remote the run is
 versioned locally only, and the task says so.
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 REPORTS = ("drift/summary.html", "drift/summary.json", "drift/report.html", "validation/report.md")
 POINTER = "serving.json"
 VERSIONED = ("dvc.lock", "metrics")  # what git holds of a run; the DVC cache holds the rest
+GIT_PUSH_ENV = "SEMID_GIT_PUSH"  # the git remote each run's commit is pushed to; unset: none
 
 
 def publishing_lake(root: str, layout: Layout) -> Lake | None:
@@ -125,7 +127,8 @@ def default_remote(repo: Path) -> str | None:
 @task(name="push", cache_policy=NONE, retries=len(RETRY_DELAYS_S), retry_delay_seconds=RETRY_DELAYS_S,
       retry_condition_fn=storage_fault)
 def push(repo: Path, message: str) -> float:
-    """`dvc push` to the default remote, then commit dvc.lock and metrics/ (and push the commit upstream)."""
+    """`dvc push` to the default remote, then commit dvc.lock and metrics/ (and push the commit to the git remote
+    SEMID_GIT_PUSH names)."""
     logger, started = get_run_logger(), time.perf_counter()
     remote = default_remote(repo)
     if remote is None:
@@ -137,9 +140,9 @@ def push(repo: Path, message: str) -> float:
         command(["git", "-c", "user.name=semid", "-c", "user.email=semid@localhost", "commit", "-q", "-m",
                  message, "--", *VERSIONED], repo)
         logger.info("committed %s: %s", ", ".join(VERSIONED), message)
-    upstream = subprocess.run(["git", "rev-parse", "--abbrev-ref", "@{upstream}"], cwd=repo, capture_output=True,
-                              text=True)
-    if upstream.returncode == 0:
-        command(["git", "push", "-q"], repo)
-        logger.info("pushed the commit to %s", upstream.stdout.strip())
+    if target := os.environ.get(GIT_PUSH_ENV):
+        command(["git", "push", "-q", target, "HEAD"], repo)
+        logger.info("pushed the commit to %s", target)
+    else:
+        logger.info("%s is not set: the commit stays in this workspace", GIT_PUSH_ENV)
     return time.perf_counter() - started

@@ -3,7 +3,7 @@
 # (a Prefect worker, or the flow run a Kubernetes Job starts). Safe to run on every start:
 #   - first start: clones the repository the image carries ($SEMID_SOURCE, its committed HEAD) to $SEMID_REPO,
 #     without an upstream: each run's commit of dvc.lock and metrics/ (flows/publishing.py) stays in the
-#     workspace. An existing workspace (a volume) is left as it is: data, DVC cache, commits and run records;
+#     workspace unless SEMID_GIT_PUSH names a remote. An existing workspace (a volume) is left as it is;
 #   - puts the workspace first on PYTHONPATH: flows and the `semid` stages DVC runs use the workspace's code;
 #   - SEMID_STORAGE_ROOT (e.g. s3://semid/lake): sets storage.root in the workspace's params.yaml, makes
 #     <root>/dvc its default DVC remote (`semid remote`) and commits both there, so the params a run reads are

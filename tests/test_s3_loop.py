@@ -54,9 +54,12 @@ def loop(tmp_path_factory, s3_endpoint):
     a = pipeline_repo(tmp / "a", SMALL_WORLD, storage={"root": f"s3://{bucket}/lake"})
     remote = run(["semid", "remote"], a, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "DVC remote from storage.root"], a, env)
+    run(["git", "init", "-q", "--bare", str(tmp / "origin.git")], tmp, env)  # the shared repository workers clone
+    run(["git", "remote", "add", "origin", str(tmp / "origin.git")], a, env)
+    run(["git", "push", "-q", "origin", "HEAD"], a, env)
     with FaultyProxy(s3_endpoint, first=2, every=7) as proxy:  # the whole run's S3 traffic meets 503 SlowDown
         flow = run([sys.executable, "-m", "flows.daily", "--repo", str(a)], REPO,
-                   {**env, "AWS_ENDPOINT_URL_S3": proxy.url})
+                   {**env, "AWS_ENDPOINT_URL_S3": proxy.url, "SEMID_GIT_PUSH": "origin"})
     return {"a": a, "bucket": bucket, "env": env, "tmp": tmp, "secrets": secrets, "endpoint": s3_endpoint,
             "faults": proxy.faults, "requests": proxy.requests,
             "logs": remote.stdout + remote.stderr + flow.stdout + flow.stderr, "seconds": json.loads(
@@ -91,8 +94,9 @@ def test_the_daily_flow_lands_publishes_and_pushes_to_s3_through_503s(loop):
 
 
 def test_a_fresh_clone_pulls_and_finds_every_stage_up_to_date(loop):
+    """A new worker clones the shared repository the run pushed its commit to (SEMID_GIT_PUSH=origin)."""
     b = loop["tmp"] / "b"
-    run(["git", "clone", "-q", str(loop["a"]), str(b)], loop["tmp"], loop["env"])
+    run(["git", "clone", "-q", str(loop["tmp"] / "origin.git"), str(b)], loop["tmp"], loop["env"])
     run(["dvc", "pull"], b, loop["env"])
     repro = run(["dvc", "repro"], b, loop["env"])
     assert "Data and pipelines are up to date" in repro.stdout, repro.stdout
