@@ -14,6 +14,7 @@ from components.ranker.metrics import (
     log_loss,
     ne_by_segment,
     normalized_entropy,
+    paired_bootstrap_ne_difference,
     segment_masks,
 )
 
@@ -217,3 +218,40 @@ def test_attention_with_or_without_a_heads_axis_agrees():
 def test_attention_rejects_mismatched_padding():
     with pytest.raises(ValueError, match=r"found attn \(2, 4, 6\) and pad \(2, 5\)"):
         attention_diagnostics(np.zeros((2, 4, 6)), np.zeros((2, 5), bool))
+
+
+def test_paired_bootstrap_point_is_the_ne_difference_and_identical_models_differ_by_zero():
+    rng = np.random.default_rng(0)
+    y = (rng.random(2000) < 0.2).astype(float)
+    users = rng.integers(0, 100, 2000)
+    p_a, p_b = np.clip(0.2 + 0.3 * (y - 0.2) + rng.normal(0, 0.05, 2000), 0.01, 0.99), np.full(2000, 0.2)
+    found = paired_bootstrap_ne_difference(y, p_a, p_b, users, resamples=300)
+    assert found["difference"] == pytest.approx(normalized_entropy(y, p_a) - normalized_entropy(y, p_b), abs=1e-9)
+    assert found["low"] <= found["difference"] <= found["high"] < 0  # a, the informative one, is better
+    same = paired_bootstrap_ne_difference(y, p_a, p_a, users, resamples=300)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_paired_bootstrap_resamples_users_so_one_heavy_user_cannot_decide():
+    """Model a is much better on one heavy user's 1,000 impressions and a little worse on 30 users' 20 each:
+    a is better overall, but without the heavy user it is worse, so the interval over users spans 0 while
+    one over impressions (every impression its own user) would not."""
+    y_heavy = np.tile([1.0, 0.0, 0.0, 0.0], 250)
+    y_light = np.tile([1.0, 0.0, 0.0, 0.0, 0.0], 120)
+    y = np.concatenate([y_heavy, y_light])
+    p_a = np.concatenate([np.where(y_heavy == 1, 0.6, 0.1), np.full(600, 0.3)])
+    p_b = np.concatenate([np.full(1000, 0.25), np.full(600, 0.2)])
+    users = np.concatenate([np.zeros(1000), 1 + np.arange(600) // 20])
+    by_user = paired_bootstrap_ne_difference(y, p_a, p_b, users, resamples=2000)
+    by_impression = paired_bootstrap_ne_difference(y, p_a, p_b, np.arange(1600), resamples=2000)
+    assert by_user["difference"] == pytest.approx(by_impression["difference"], abs=1e-12)
+    assert by_user["difference"] < 0
+    assert by_user["low"] < 0 < by_user["high"]
+    assert by_impression["high"] < 0
+    assert paired_bootstrap_ne_difference(y, p_a, p_b, users, resamples=2000) == by_user  # seeded
+
+
+def test_paired_bootstrap_rejects_users_of_another_length():
+    with pytest.raises(ValueError, match="expected one user per impression"):
+        paired_bootstrap_ne_difference(np.array([0.0, 1.0]), np.array([0.2, 0.8]), np.array([0.5, 0.5]),
+                                       np.array([1]))

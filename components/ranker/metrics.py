@@ -6,6 +6,8 @@
                  torso up to 75%, tail the rest; seen / new = had / had no training impressions
     drift        NE(48h..42h before the end of training) - NE(last 6h of training), final model
     AAR          mean 2 |p1 - p2| / (p1 + p2 + eps) over exact-copy item pairs
+    bootstrap    NE(a) - NE(b) on the same impressions, its 95% interval from resampling users with
+                 replacement (paired: both models see the same resample; one heavy user cannot decide it)
     attention    on A (rows are distributions over S keys): first-token mean a_{i,1}, padding mass,
                  entropy in bits, self-attention mean a_{i,i}
 """
@@ -138,6 +140,46 @@ def aar(p1: np.ndarray, p2: np.ndarray, eps: float = 1e-6) -> float:
         raise ValueError(f"aar: expected finite predictions, found {int((~np.isfinite(p1)).sum())} and "
                          f"{int((~np.isfinite(p2)).sum())} non-finite")
     return float(np.mean(2 * np.abs(p1 - p2) / (p1 + p2 + eps)))
+
+
+def paired_bootstrap_ne_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, users: np.ndarray,
+                                   resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                                   eps: float = 1e-7) -> dict[str, float]:
+    """{"difference": NE(y, p_a) - NE(y, p_b), "low", "high": its `level` percentile interval} over `resamples`
+    draws of the users with replacement, each drawn user bringing all of their impressions.
+
+    Vectorised through per-user sums: a resample is a vector of user counts w, and
+        NE_a - NE_b = (w . (loss_a - loss_b) / w . events) / H(w . clicks / w . events)
+    where loss_x sums a user's log-loss terms and H is the base-rate log loss of normalized_entropy."""
+    y, p_a = _labels_and_probabilities(y, p_a, "paired_bootstrap_ne_difference")
+    _, p_b = _labels_and_probabilities(y, p_b, "paired_bootstrap_ne_difference")
+    users = np.asarray(users).ravel()
+    if users.shape != y.shape:
+        raise ValueError(f"paired_bootstrap_ne_difference: expected one user per impression ({y.size}), found "
+                         f"{users.size}")
+    _, user = np.unique(users, return_inverse=True)
+
+    def terms(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p, eps, 1 - eps)
+        return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+    per_user = np.stack([np.bincount(user, weights=w) for w in (terms(p_a) - terms(p_b), np.ones_like(y), y)])
+
+    def difference(weights: np.ndarray) -> np.ndarray:  # weights: (draws, users)
+        delta, events, clicks = (weights @ per_user.T).T
+        rate = np.clip(clicks / events, eps, 1 - eps)
+        base = -(rate * np.log(rate) + (1 - rate) * np.log1p(-rate))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (delta / events) / base
+
+    n_users = per_user.shape[1]
+    point = float(difference(np.ones((1, n_users)))[0])
+    rng, uniform = np.random.default_rng(seed), np.full(n_users, 1 / n_users)
+    draws = np.concatenate([difference(rng.multinomial(n_users, uniform, size=min(100, resamples - start)))
+                            for start in range(0, resamples, 100)])  # 100 draws at a time: bounded memory
+    draws = draws[np.isfinite(draws)]  # a resample without clicks (or only clicks) has no NE
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return {"difference": point, "low": float(low), "high": float(high)}
 
 
 def attention_diagnostics(attn: np.ndarray, pad: np.ndarray) -> dict[str, float]:
