@@ -12,7 +12,7 @@ Figures, RankerParams defaults unless said (training window ranker_window: 42 da
 
 1  pipeline     load_examples over the training window (parquet read + click history + SemID codes), best of
                 --repeats; and build_examples alone on events read beforehand (history prepared inside)
-2  default      train_one_pass on the first --examples rows of the window, the model built as run_train_ranker
+2  default      train_passes on the first --examples rows of the window, the model built as run_train_ranker
                 builds it (model_config, Ranker, dense standardisation; H = training items / 3), after a
                 short warm-up; examples/s and pipeline / training (goal: the pipeline >= 3x faster)
 3  2M rows      the same with the SemID table sized to --rows (2,000,000) rows: sparse gradients + Adagrad
@@ -66,7 +66,7 @@ from components.ranker.examples import (  # noqa: E402
     ranker_window,
 )
 from components.ranker.model import Ranker, bce  # noqa: E402
-from components.ranker.train_ranker import model_config, train_one_pass  # noqa: E402
+from components.ranker.train_ranker import model_config, train_passes  # noqa: E402
 from components.semid.store import SemIdStore, code_columns, code_dtype  # noqa: E402
 from components.storage import DataDir, Layout  # noqa: E402
 from components.window import Window  # noqa: E402
@@ -182,19 +182,19 @@ def peak(device: torch.device) -> int | None:
 
 def time_training(name: str, model: Ranker, train: Examples, n: int, p: RankerParams,
                   device: torch.device) -> Figure:
-    """train_one_pass on the first n rows after WARMUP_BATCHES untimed steps; the stage's own seconds."""
-    train_one_pass(model, head(train, WARMUP_BATCHES[device.type] * p.batch_size), p, device)
+    """train_passes on the first n rows after WARMUP_BATCHES untimed steps; the stage's own seconds."""
+    train_passes(model, head(train, WARMUP_BATCHES[device.type] * p.batch_size), p, device)
     reset_peak(device)
-    result = train_one_pass(model, head(train, n), p, device)
+    result = train_passes(model, head(train, n), p, device)
     rows = table_rows(model)
     seconds = result["examples"] / result["examples_per_s"]  # the stage's figure, unrounded seconds
-    return Figure(name, f"train_one_pass, sparse grads + Adagrad, {rows:,} table rows", result["examples"], seconds,
+    return Figure(name, f"train_passes, sparse grads + Adagrad, {rows:,} table rows", result["examples"], seconds,
                   peak(device))
 
 
 def time_dense_adam(name: str, model: Ranker, train: Examples, batches: int, p: RankerParams,
                     device: torch.device, progress: Progress) -> Figure:
-    """The contrast: the same steps as train_one_pass, but every table with dense gradients and one Adam on all
+    """The contrast: the same steps as train_passes, but every table with dense gradients and one Adam on all
     parameters. CONTRAST_WARMUP untimed batches, then up to `batches` timed ones (fewer if the rows run out)."""
     for lookup in model.lookups.values():
         lookup.table.sparse = False  # EmbeddingBag.forward reads it on each call: a dense (rows, d) gradient
@@ -214,7 +214,7 @@ def time_dense_adam(name: str, model: Ranker, train: Examples, batches: int, p: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss.item()  # as train_one_pass: one sync per step
+        loss.item()  # as train_passes: one sync per step
         examples, timed = examples + len(batch["label"]), timed + 1
         progress.advance(task)
     if not started:

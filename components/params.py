@@ -113,7 +113,7 @@ class BackfillParams:
 class HistoryParams:
     """The user-history module of the ranker: the user's previous clicks, newest last."""
     length: int = 20  # T: clicks kept per example (left-padded, older ones dropped)
-    item_ids: str = "semid"  # how history items are embedded: "ie" | "rh" | "semid"
+    item_ids: str = "semid"  # how history items are embedded: "ie" | "rh" | "semid" | "hybrid"
     aggregation: str = "bypass"  # "bypass" | "transformer" | "pma"
     seeds: int = 32  # PMA: learned query vectors d_s
     heads: int = 2  # attention heads (transformer, pma)
@@ -128,7 +128,7 @@ class PromotionParams:
 @dataclasses.dataclass(frozen=True)
 class RankerParams:
     """The DLRM-style ranker (components/ranker/model.py) and its training window, evaluation and promotion."""
-    item_ids: str = "semid"  # "ie" | "rh" | "semid"
+    item_ids: str = "semid"  # "ie" | "rh" | "semid" | "hybrid" (semid rows + rh row)
     parameterization: str = "prefix_ngram"  # unigram | trigram | fourgram | all_bigrams | prefix_ngram
     ngram_depth: int = 3  # n of prefix_ngram (<= L)
     collision_factor: float = 3.0  # RH and SemID tables: H = ceil(training items / collision_factor)
@@ -141,6 +141,7 @@ class RankerParams:
     dense_hidden: tuple[int, ...] = (64,)
     top_hidden: tuple[int, ...] = (128, 64)
     batch_size: int = 256
+    epochs: int = 1  # passes over the training window, each in time order (the paper: one)
     lr: float = 0.001  # Adam, dense parameters
     sparse_lr: float = 0.2  # Adagrad, embedding tables (sparse gradients)
     seed: int = 0
@@ -151,7 +152,7 @@ class RankerParams:
     @property
     def uses_semid(self) -> bool:
         """Whether target or history items are embedded through SemIDs, so the SemID store is needed."""
-        return "semid" in (self.item_ids, self.history.item_ids)
+        return bool({"semid", "hybrid"} & {self.item_ids, self.history.item_ids})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,7 +77,7 @@ def test_dvc_repro_caches_and_reports_metrics(repo):
     assert figures["metrics/backfill.json"]["items"] == figures["metrics/embed.json"]["items"]
     ranker = figures["metrics/ranker.json"]
     assert record["ranker"]["codebook_version"] == version and ranker["promotion"]["promoted"] == 1
-    assert set(ranker["ne"]) == {"all", "head", "torso", "tail", "seen", "new"}
+    assert set(ranker["ne"]) == {"all", "head", "torso", "tail", "seen", "unseen", "new"}
     plots = run(["dvc", "plots", "show", "--json"], repo).stdout
     assert "reports/rqvae/utilization.csv" in plots and "reports/rqvae/cluster_sizes.csv" in plots
     assert "reports/ranker/ne_by_segment.csv" in plots

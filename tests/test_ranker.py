@@ -12,7 +12,7 @@ K, L, T, D = 16, 3, 5, 8
 def config(item_ids="semid", history_ids="semid", aggregation="transformer", **kw) -> dict:
     return {"item_ids": item_ids, "parameterization": kw.get("parameterization", "prefix_ngram"),
             "ngram_depth": 3, "codebook_size": K, "levels": L, "embedding_dim": D,
-            "rows": {"ie": 11, "rh": 7, "semid": 50}, "vocabulary_size": 10, "dense_features": 2,
+            "rows": {"ie": 11, "rh": 7, "semid": 50, "hybrid": 100}, "vocabulary_size": 10, "dense_features": 2,
             "dense_columns": ["f_a", "f_b"], "dense_hidden": [4], "top_hidden": [8], "history_length": T,
             "history": {"item_ids": history_ids, "aggregation": aggregation, "seeds": 4, "heads": 2}}
 
@@ -37,6 +37,17 @@ def test_semid_rows_are_the_shared_parameterization_and_missing_codes_fall_back_
     assert torch.equal(rows[:2], parameterization.row_indices(codes[:2], "prefix_ngram", K, 50, 3))
     assert rows[0, 0] == rows[1, 0] and rows[0, 1] == rows[1, 1] and rows[0, 2] != rows[1, 2]  # shared prefix
     assert rows[2].tolist() == [hash_rows(item[2:], 50).item(), 50, 50]  # rh row, then the padding row
+
+
+def test_hybrid_rows_are_the_semid_rows_then_the_rh_row_each_in_its_own_half():
+    lookup = ItemLookup("hybrid", D, rows=100, codebook_size=K, parameterization="prefix_ngram", ngram_depth=3)
+    codes = torch.tensor([[1, 2, 3], [1, 2, 3], [-1, -1, -1]])
+    item = torch.tensor([5, 6, 7])
+    rows = lookup.row_indices(item, codes)
+    assert torch.equal(rows[:2, :3], parameterization.row_indices(codes[:2], "prefix_ngram", K, 50, 3))
+    assert rows[:, 3].tolist() == (50 + hash_rows(item, 50)).tolist()
+    assert rows[0, 3] != rows[1, 3]  # exact copies: the same SemID rows, their own raw-ID rows
+    assert rows[2, :3].tolist() == [100, 100, 100]  # no SemID: the raw-ID row alone
 
 
 def test_ie_gives_every_known_id_its_row_and_unknown_ids_one_untrained_row():
@@ -98,5 +109,6 @@ def test_exact_copies_get_the_same_prediction_with_semid_but_not_with_rh():
     copy["item_id"] += 1_000
     semid = Ranker(config(item_ids="semid")).eval()
     assert torch.equal(semid(b)[0], semid(copy)[0])
-    rh = Ranker(config(item_ids="rh")).eval()
-    assert not torch.equal(rh(b)[0], rh(copy)[0])
+    for kind in ("rh", "hybrid"):
+        other = Ranker(config(item_ids=kind)).eval()
+        assert not torch.equal(other(b)[0], other(copy)[0])

@@ -15,7 +15,10 @@ from components.errors import DataError, ParamsError
 from components.params import HistoryParams, RankerParams
 from components.ranker.examples import (
     AGE_BUCKETS,
+    NO_COUNTS,
+    USER_COUNTERS,
     Examples,
+    add_counts,
     build_examples,
     iter_examples,
     load_clicks,
@@ -86,8 +89,12 @@ def test_history_is_the_users_earlier_clicks_oldest_first_left_padded():
     assert ex.hist_age.tolist() == [[0] * (3 - len(a)) + [bucket(h) for h in a] for a in ages]
     assert ex.hist_age[1, 2] == 7 and ex.hist_age[8].tolist() == [3, 3, 2]  # floor(log2 101) + 1; log2 3.5..6.5
     assert ex.label.tolist() == [1, 1, 1, 0, 1, 0, 1, 1, 0]
-    assert ex.dense_columns == ["f_a", "f_b"]
+    assert ex.dense_columns == ["f_a", "f_b", "user_click_rate", "user_impressions_log"]
     assert ex.dense[:, 1].tolist() == [0, 1, 2, 3, 4, 6, 5, 7, 8] and (ex.dense[:, 0] == -ex.dense[:, 1]).all()
+    # the user's impressions and clicks strictly before each event; the two rows at 3h do not count each other
+    impressions, clicks = [0, 1, 0, 2, 3, 4, 4, 6, 7], [0, 1, 0, 2, 2, 3, 3, 4, 5]
+    assert np.allclose(ex.dense[:, 2], [(c + 1) / (n + 2) for n, c in zip(impressions, clicks)])
+    assert np.allclose(ex.dense[:, 3], np.log1p(impressions))
     assert ex.codes.shape == (9, 0) and ex.hist_codes.shape == (9, 3, 0) and ex.missing_semid == 0
 
 
@@ -136,7 +143,11 @@ def test_build_examples_equals_a_per_event_reference():
     for key, value in expected.items():
         assert getattr(ex, key).tolist() == value, key
     assert ex.missing_semid == int((events["item_id"] % 2 == 1).sum())
-    assert ex.dense.shape == (n, 0) and ex.hist_codes.shape == (n, 4, 2)
+    assert ex.dense.shape == (n, 2) and ex.hist_codes.shape == (n, 4, 2)
+    rows = events.sort("ts", maintain_order=True).rows(named=True)
+    for i, row in enumerate(rows):  # the counters the slow way: the user's events strictly earlier
+        before = [r["clicked"] for r in rows if r["user_id"] == row["user_id"] and r["ts"] < row["ts"]]
+        assert ex.dense[i].tolist() == pytest.approx([(sum(before) + 1) / (len(before) + 2), math.log1p(len(before))])
     assert (ex.hist_age > 0).sum() > 300 and (ex.hist_age == AGE_BUCKETS - 1).any()  # a real test of ages
 
 
@@ -177,14 +188,14 @@ def test_batches_are_views_in_row_order_and_concat_adds_up():
     batches = list(ex.batches(4))
     assert [len(b["label"]) for b in batches] == [4, 4, 2]
     assert set(batches[0]) == {"label", "dense", "item_id", "codes", "hist_item", "hist_codes", "hist_age", "ts"}
-    assert batches[1]["hist_codes"].shape == (4, 3, 2) and batches[2]["dense"].shape == (2, 2)
+    assert batches[1]["hist_codes"].shape == (4, 3, 2) and batches[2]["dense"].shape == (2, 2 + 2)  # f_a, f_b, counters
     assert np.shares_memory(batches[1]["hist_item"].numpy(), ex.hist_item)  # no copies
     assert batches[2]["item_id"].tolist() == [8, 9]
     with pytest.raises(ParamsError, match="ranker.batch_size"):
         next(ex.batches(0))
 
     parts = [build_examples(events[:6], clicks_of(events), store, 3),
-             build_examples(events[6:], clicks_of(events), store, 3)]
+             build_examples(events[6:], clicks_of(events), store, 3, counts=add_counts(NO_COUNTS, events[:6]))]
     whole = Examples.concat(parts)
     assert len(whole) == 10 and whole.missing_semid == ex.missing_semid == 0
     for f in dataclasses.fields(Examples):
@@ -281,12 +292,13 @@ def test_streaming_over_days_equals_one_build_and_history_reaches_back_the_lookb
     events = pl.read_parquet([f for _, f in data.event_files()])
     in_window = events.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
     lookback = start - dt.timedelta(days=2)
-    once = build_examples(in_window, load_clicks(data, lookback, end), store, 5)
+    before = events.filter((pl.col("ts") >= lookback) & (pl.col("ts") < start))
+    once = build_examples(in_window, load_clicks(data, lookback, end), store, 5, counts=add_counts(NO_COUNTS, before))
     assert len(once) == len(in_window) == len(streamed) and streamed.missing_semid == once.missing_semid > 0
     for f in dataclasses.fields(Examples):
         if f.name not in ("dense_columns", "missing_semid"):
             assert np.array_equal(getattr(streamed, f.name), getattr(once, f.name)), f.name
-    assert streamed.dense_columns == ["f_item_age_days", "f_position", "f_user_prior"]
+    assert streamed.dense_columns == ["f_item_age_days", "f_position", "f_user_prior", *USER_COUNTERS]
     assert streamed.ts.min() >= start.timestamp() * 1e6 and streamed.ts.max() < end.timestamp() * 1e6
 
     # history length = the user's clicks in [start - lookback, ts), capped at T: clicks before `start` count,

@@ -14,6 +14,9 @@ from components.ranker.metrics import (
     log_loss,
     ne_by_segment,
     normalized_entropy,
+    aar_terms,
+    paired_bootstrap_drift_difference,
+    paired_bootstrap_mean_difference,
     paired_bootstrap_ne_difference,
     segment_masks,
 )
@@ -115,7 +118,7 @@ def test_segments_of_no_impressions_is_empty():
 def test_segment_masks():
     seg = impression_segments(impressions({1: 30, 2: 20, 3: 20, 4: 15, 5: 10, 6: 5}))
     eval_ids = np.array([6, 1, 99, 3, 1, 7, 5])
-    masks = segment_masks(eval_ids, seg)
+    masks = segment_masks(eval_ids, seg, new_item_ids=np.array([7, 42]))  # 99: unseen, created before
     assert list(masks) == list(SEGMENTS)
     as_lists = {name: m.astype(int).tolist() for name, m in masks.items()}
     assert as_lists == {
@@ -124,13 +127,15 @@ def test_segment_masks():
         "torso": [0, 0, 0, 1, 0, 0, 0],
         "tail":  [1, 0, 0, 0, 0, 0, 1],
         "seen":  [1, 1, 0, 1, 1, 0, 1],
-        "new":   [0, 0, 1, 0, 0, 1, 0],
+        "unseen": [0, 0, 1, 0, 0, 1, 0],
+        "new":   [0, 0, 0, 0, 0, 1, 0],
     }
 
 
-def test_segment_masks_without_training_items_are_all_new():
-    masks = segment_masks(np.array([3, 4]), impression_segments(np.array([], dtype=np.int64)))
-    assert masks["new"].all() and not masks["seen"].any() and not masks["head"].any()
+def test_segment_masks_without_training_items_are_all_unseen():
+    masks = segment_masks(np.array([3, 4]), impression_segments(np.array([], dtype=np.int64)), np.array([4]))
+    assert masks["unseen"].all() and not masks["seen"].any() and not masks["head"].any()
+    assert masks["new"].tolist() == [False, True]
 
 
 # --- NE by segment, drift ---
@@ -255,3 +260,27 @@ def test_paired_bootstrap_rejects_users_of_another_length():
     with pytest.raises(ValueError, match="expected one user per impression"):
         paired_bootstrap_ne_difference(np.array([0.0, 1.0]), np.array([0.2, 0.8]), np.array([0.5, 0.5]),
                                        np.array([1]))
+
+
+def test_paired_bootstrap_of_drift_sensitivity_is_the_difference_of_the_slices_differences():
+    rng = np.random.default_rng(1)
+    slices = []
+    for informative in (0.3, 0.0):  # a is better than b early, equal late: a drifts more (larger early - late)
+        y = (rng.random(3000) < 0.2).astype(float)
+        p_b = np.full(3000, 0.2)
+        p_a = np.clip(0.2 + informative * (y - 0.2) + rng.normal(0, 0.02, 3000), 0.01, 0.99)
+        slices.append((y, p_a, p_b, rng.integers(0, 200, 3000)))
+    (ye, ae, be, _), (yl, al, bl, _) = slices
+    expected = ((normalized_entropy(ye, ae) - normalized_entropy(yl, al))
+                - (normalized_entropy(ye, be) - normalized_entropy(yl, bl)))
+    found = paired_bootstrap_drift_difference(*slices, resamples=300)
+    assert found["difference"] == pytest.approx(expected, abs=1e-9)
+    assert found["high"] < 0  # a's early NE is lower, so a's drift sensitivity is lower by a clear margin
+
+
+def test_paired_bootstrap_mean_difference_by_hand():
+    a, b = np.array([0.2, 0.2, 0.4, 0.4]), np.array([0.1, 0.1, 0.1, 0.1])
+    found = paired_bootstrap_mean_difference(a, b, users=np.array([1, 1, 2, 2]), resamples=500)
+    assert found["difference"] == pytest.approx(0.2)
+    assert found["low"] == pytest.approx(0.1) and found["high"] == pytest.approx(0.3)  # all user 1 .. all user 2
+    assert aar_terms([0.1, 0.3], [0.1, 0.1]).tolist() == pytest.approx([0.0, 2 * 0.2 / (0.4 + 1e-6)])

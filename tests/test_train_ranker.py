@@ -7,13 +7,17 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from components import serving
 from components.data.world import run_generate
 from components.errors import CodebookVersionMismatch, DataError, ParamsError
 from components.params import BackfillParams, EmbedParams, HistoryParams, RankerParams, RQVAEParams
 from components.ranker import metrics as ranker_metrics
-from components.ranker.evaluation import copy_partners
+from components.data.contracts import ITEM_AGE
+from components.ranker.evaluation import copy_partners, created_at, predict, swap_items
+from components.ranker.examples import load_examples, ranker_window
+from components.ranker.probe import fit_probe, match_features, probe_probabilities
 from components.ranker.promotion import load_ranker
 from components.ranker.train_ranker import run_train_ranker
 from components.semid.backfill import run_backfill
@@ -53,11 +57,19 @@ def test_metrics_hold_ne_by_segment_drift_and_aar(world):
     m = run_train_ranker(SMALL, world)
     assert set(m["ne"]) == set(ranker_metrics.SEGMENTS)
     assert 0 < m["ne"]["all"] < 1  # minimum functionality: better than the base rate
-    assert m["events"]["seen"] + m["events"]["new"] == m["events"]["all"]
+    assert m["events"]["seen"] + m["events"]["unseen"] == m["events"]["all"]
+    assert 0 < m["events"]["new"] <= m["events"]["unseen"]  # created in the evaluation window: never trained on
     assert m["events"]["head"] + m["events"]["torso"] + m["events"]["tail"] == m["events"]["seen"]
     assert set(m["drift_sensitivity"]) == set(ranker_metrics.SEGMENTS)
-    assert m["aar_pairs"] > 0 and m["aar"] == pytest.approx(0.0, abs=1e-6)  # exact copies share their SemID
+    assert m["aar_pairs"] > 0 and m["aar"] > 0  # same SemID, but each copy is scored at its own age
     assert "attention" not in m  # bypass has none
+    predictions = pl.read_parquet(world.reports / "ranker" / "predictions.parquet")  # what the paper report resamples
+    scored = predictions.filter(pl.col("part") == "eval")
+    assert len(scored) == m["events"]["all"] and scored["new"].sum() == m["events"]["new"]
+    assert ranker_metrics.normalized_entropy(scored["clicked"], scored["p"]) == pytest.approx(m["ne"]["all"], rel=1e-5)
+    pairs = scored.drop_nulls("p_copy")
+    assert ranker_metrics.aar(pairs["p"], pairs["p_copy"]) == pytest.approx(m["aar"], rel=1e-5)
+    assert set(predictions["part"]) == {"eval", "early", "late"}
     assert m["promotion"]["promoted"] and m["promotion"]["reason"] == "no champion yet"
     assert m["config"]["item_ids"] == "semid" and m["codebook_version"] == read_store(world.semids).codebook_version
     saved = json.loads(world.record("ranker").read_text())
@@ -154,3 +166,69 @@ def test_exact_copies_are_paired_by_content_hash(world):
     assert len(truth) and set(truth["item_id"]) <= set(partners["item_id"])
     pairs = partners.join(partners, left_on="partner", right_on="item_id")
     assert (pairs["item_id"] != pairs["partner"]).all()
+
+
+def test_the_swapped_copy_has_its_own_raw_id_and_age_and_the_same_codes(world):
+    store = read_store(world.semids)
+    _, evaluation_window = ranker_window(SMALL, world.validated)
+    evaluation = load_examples(world.validated, *evaluation_window, store, SMALL)
+    created = created_at(world)
+    rows, b = swap_items(evaluation, copy_partners(world), created, store)
+    a = evaluation.take(rows)
+    assert len(a) > 0 and (a.item_id != b.item_id).all()
+    assert np.array_equal(a.codes, b.codes)  # exact copies: one text, one SemID
+    born = dict(zip(*created.to_dict(as_series=False).values()))
+    age = b.dense[:, b.dense_columns.index(ITEM_AGE)]
+    expected = (b.ts - np.array([born[i] for i in b.item_id])) / 86_400e6
+    assert np.allclose(age, expected, atol=1e-3) and not np.allclose(age, a.dense[:, a.dense_columns.index(ITEM_AGE)])
+    untouched = [i for i, c in enumerate(a.dense_columns) if c != ITEM_AGE]
+    assert np.array_equal(a.dense[:, untouched], b.dense[:, untouched])  # the impression's own context
+
+
+def test_aar_can_fail_raw_ids_split_exact_copies_that_semids_keep_together(world):
+    """The A/A ratio is a measurement: every variant sees the copy's own age, so none is 0 by construction, and
+    a ranker keyed by raw IDs moves its prediction further when the raw ID changes."""
+    semid = run_train_ranker(SMALL, world)["aar"]
+    rh_ids = dataclasses.replace(SMALL, item_ids="rh", history=dataclasses.replace(SMALL.history, item_ids="rh"))
+    rh = run_train_ranker(rh_ids, world)["aar"]
+    assert 0 < semid < rh
+
+
+def test_more_topic_affinity_gives_a_higher_predicted_ctr(world):
+    """Behaviour: the trained ranker scores an impression higher when the user's clicks share the target's
+    SemID prefix than when they do not. The world's clicks follow topic affinity, so this is what it learned."""
+    run_train_ranker(SMALL, world)
+    model, _ = load_ranker(world.root / serving.resolve(world).ranker)
+    store = read_store(world.semids)
+    _, evaluation_window = ranker_window(SMALL, world.validated)
+    evaluation = load_examples(world.validated, *evaluation_window, store, SMALL).take(slice(0, 2000))
+    table = store.table.select("item_id", *store.code_columns).sort("item_id")
+    items, codes = table["item_id"].to_numpy(), table.select(store.code_columns).to_numpy().astype(np.int64)
+    rng = np.random.default_rng(0)
+
+    def with_history(same_topic: bool):
+        T = evaluation.hist_item.shape[1]
+        hist_item = np.empty_like(evaluation.hist_item)
+        for i, first_code in enumerate(evaluation.codes[:, 0]):
+            pool = np.flatnonzero((codes[:, 0] == first_code) == same_topic)
+            hist_item[i] = items[rng.choice(pool, T)]
+        rows = np.searchsorted(items, hist_item)
+        return dataclasses.replace(evaluation, hist_item=hist_item, hist_codes=codes[rows],
+                                   hist_age=np.full_like(evaluation.hist_age, 5))
+
+    same, _ = predict(model, with_history(True), 512, torch.device("cpu"))
+    other, _ = predict(model, with_history(False), 512, torch.device("cpu"))
+    assert np.mean(same > other) > 0.65 and same.mean() > 1.08 * other.mean()  # measured: 0.76, 1.17
+
+
+def test_the_topic_match_probe_reads_prefix_shares_and_beats_the_base_rate(world):
+    store = read_store(world.semids)
+    train_window, evaluation_window = ranker_window(SMALL, world.validated)
+    train = load_examples(world.validated, *train_window, store, SMALL)
+    evaluation = load_examples(world.validated, *evaluation_window, store, SMALL)
+    one = evaluation.take(slice(0, 1))
+    one = dataclasses.replace(one, codes=np.array([[1, 2, 3]]), hist_item=np.array([[-1] * 4 + [7, 8, 9, 10]]),
+                              hist_codes=np.array([[[-1] * 3] * 4 + [[1, 2, 3], [1, 2, 0], [1, 0, 3], [0, 2, 3]]]))
+    assert match_features(one).tolist() == [[3 / 4, 2 / 4, 1 / 4, pytest.approx(np.log(5))]]
+    p = probe_probabilities(fit_probe(train), evaluation)
+    assert ranker_metrics.normalized_entropy(evaluation.label, p) < 1

@@ -3,7 +3,9 @@
 items:  item_id Int64 (unique, not null), created_at Datetime UTC, text Utf8 (not empty),
         category Utf8 (nullable), retired_at Datetime UTC (nullable, >= created_at)
 events: ts Datetime UTC, user_id Int64, item_id Int64 (in items, ts >= its created_at),
-        clicked Int8 in {0, 1}, optional dense features f_* (Float32, finite)
+        clicked Int8 in {0, 1}, optional dense features f_* (Float32, finite); f_item_age_days, when present,
+        is the item's age at the impression in days (ts - created_at): the ranker's A/A test recomputes it for
+        the copy it swaps in, every other f_* is taken as a feature of the impression's context
 
 Value rules (nulls, ranges, references) are checked by the validation gate; this module fixes the shape.
 """
@@ -17,6 +19,7 @@ from components.errors import DataError
 
 UTC = pl.Datetime("us", "UTC")
 DENSE_PREFIX = "f_"
+ITEM_AGE = "f_item_age_days"
 
 ITEMS = {"item_id": pl.Int64, "created_at": UTC, "text": pl.String, "category": pl.String, "retired_at": UTC}
 EVENTS = {"ts": UTC, "user_id": pl.Int64, "item_id": pl.Int64, "clicked": pl.Int8}

@@ -1,9 +1,11 @@
 """The ranker's evaluation (PAPER.md, "Metrics"): what goes into metrics/ranker.json besides the promotion.
 
-    ne                 NE by impression segment (all, head, torso, tail, seen, new) on the evaluation window
+    ne                 NE by impression segment (all, head, torso, tail, seen, unseen, new) on the evaluation
+                       window; new: items created in it
     drift_sensitivity  NE on 48h..42h before the end of training minus NE on its last 6h, final model
     aar                the A/A ratio over exact-copy items: each evaluation impression of an item with an exact
-                       copy (same content hash, another raw ID) is scored again with the copy in its place
+                       copy (same content hash, another raw ID) is scored again with the copy in its place, as
+                       production would see the copy: its own raw ID, SemID and item age (f_item_age_days)
     attention          first-token mass, padding mass, entropy and self-attention (transformer, PMA)
 
 The formulas are pure functions in components/ranker/metrics.py; this module runs the model to feed them.
@@ -17,6 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from components.data.contracts import ITEM_AGE
 from components.errors import DataError
 from components.ranker import metrics
 from components.ranker.device import autocast, to_device
@@ -28,6 +31,7 @@ from components.window import Window
 
 ATTENTION_ROWS = 4096  # evaluation examples whose attention weights are summarised
 HOUR = dt.timedelta(hours=1)
+US_PER_DAY = 86_400_000_000
 
 
 @torch.no_grad()
@@ -74,42 +78,77 @@ def copy_partners(layout: Layout) -> pl.DataFrame:
                          .then(pl.col("second")).otherwise(pl.col("first")))
 
 
-def swap_items(examples: Examples, partners: pl.DataFrame, store: SemIdStore | None) -> tuple[Examples, Examples]:
-    """The examples whose item has an exact copy, and the same examples with the copy in its place."""
-    frame = pl.DataFrame({"item_id": examples.item_id}).with_row_index("row").join(partners, on="item_id")
-    a = examples.take(frame["row"].to_numpy())
+def created_at(layout: Layout) -> pl.DataFrame:
+    """item_id, created (microseconds since epoch UTC) of every validated item."""
+    return pl.read_parquet(layout.validated.items, columns=["item_id", "created_at"]).select(
+        "item_id", created=pl.col("created_at").dt.cast_time_unit("us").cast(pl.Int64))
+
+
+def swap_items(examples: Examples, partners: pl.DataFrame, created: pl.DataFrame, store: SemIdStore | None
+               ) -> tuple[np.ndarray, Examples]:
+    """The rows of the examples whose item has an exact copy, and those examples with the copy in its place: the
+    copy's raw ID, its SemID and, where the events carry it, its own age at the impression."""
+    frame = (pl.DataFrame({"item_id": examples.item_id}).with_row_index("row").join(partners, on="item_id")
+             .join(created, left_on="partner", right_on="item_id", how="left").sort("row"))
+    rows = frame["row"].to_numpy()
+    a = examples.take(rows)
     partner = frame["partner"].cast(pl.Int64)
-    b = dataclasses.replace(a, item_id=partner.to_numpy(), codes=semid_codes(partner, store)[0])
-    return a, b
+    dense = a.dense.copy()
+    if ITEM_AGE in a.dense_columns:
+        dense[:, a.dense_columns.index(ITEM_AGE)] = (a.ts - frame["created"].to_numpy()) / US_PER_DAY
+    return rows, dataclasses.replace(a, item_id=partner.to_numpy(), codes=semid_codes(partner, store)[0], dense=dense)
 
 
 def evaluate(model: Ranker, train: Examples, evaluation: Examples, train_window: Window, batch_size: int,
-             device: torch.device, partners: pl.DataFrame, store: SemIdStore | None) -> dict:
-    """NE by segment on the evaluation examples, drift sensitivity, AAR and attention diagnostics."""
+             device: torch.device, partners: pl.DataFrame, created: pl.DataFrame, store: SemIdStore | None
+             ) -> tuple[dict, pl.DataFrame]:
+    """NE by segment on the evaluation examples, drift sensitivity, AAR and attention diagnostics, and the
+    predictions behind them (`prediction_frame`: what a paired bootstrap resamples); `created` is created_at's
+    output (new items, the copies' ages)."""
     segments = metrics.impression_segments(train.item_id)
+    start = int(train_window.end.timestamp() * 1_000_000)
+    new_items = created.filter(pl.col("created") >= start)["item_id"].to_numpy()
+    no_new = np.empty(0, np.int64)  # training slices: every item was created before the evaluation
     probs, attention = predict(model, evaluation, batch_size, device, ATTENTION_ROWS)
-    by_segment = metrics.ne_by_segment(evaluation.label, probs, metrics.segment_masks(evaluation.item_id, segments))
+    masks = metrics.segment_masks(evaluation.item_id, segments, new_items)
+    by_segment = metrics.ne_by_segment(evaluation.label, probs, masks)
+    copy_probs = np.full(len(evaluation), np.nan)
+    rows, copies = swap_items(evaluation, partners, created, store)
+    if len(rows):
+        copy_probs[rows], _ = predict(model, copies, batch_size, device)
+    frames = [prediction_frame("eval", evaluation, probs, masks, copy_probs)]
 
-    def slice_ne(window: Window) -> dict:
+    def slice_ne(part_name: str, window: Window) -> dict:
         part = time_slice(train, window)
         if not len(part):
             return {}
         slice_probs, _ = predict(model, part, batch_size, device)
-        return metrics.ne_by_segment(part.label, slice_probs, metrics.segment_masks(part.item_id, segments))
+        slice_masks = metrics.segment_masks(part.item_id, segments, no_new)
+        frames.append(prediction_frame(part_name, part, slice_probs, slice_masks, np.full(len(part), np.nan)))
+        return metrics.ne_by_segment(part.label, slice_probs, slice_masks)
 
     end = train_window.end
-    early, late = slice_ne(Window(end - 48 * HOUR, end - 42 * HOUR)), slice_ne(Window(end - 6 * HOUR, end))
+    early = slice_ne("early", Window(end - 48 * HOUR, end - 42 * HOUR))
+    late = slice_ne("late", Window(end - 6 * HOUR, end))
     results = {
         "ne": {name: s["ne"] for name, s in by_segment.items()},
         "events": {name: s["events"] for name, s in by_segment.items()},
         "drift_sensitivity": metrics.drift_sensitivity(early, late),
-        "aar": None, "aar_pairs": 0,
+        "aar": metrics.aar(probs[rows], copy_probs[rows]) if len(rows) else None, "aar_pairs": len(rows),
     }
-    a, b = swap_items(evaluation, partners, store)
-    if len(a):
-        pa, _ = predict(model, a, batch_size, device)
-        pb, _ = predict(model, b, batch_size, device)
-        results["aar"], results["aar_pairs"] = metrics.aar(pa, pb), len(a)
     if attention is not None:
         results["attention"] = attention
-    return results
+    return results, pl.concat(frames)
+
+
+def prediction_frame(part: str, examples: Examples, probs: np.ndarray, masks: dict[str, np.ndarray],
+                     copy_probs: np.ndarray) -> pl.DataFrame:
+    """One row per impression: part (eval | early | late: the drift slices), ts, user_id, item_id, clicked, p,
+    p_copy (the exact copy's prediction in its place, null without one), segment (head | torso | tail | unseen)
+    and new."""
+    segment = np.select([masks["head"], masks["torso"], masks["tail"]], ["head", "torso", "tail"], "unseen")
+    return pl.DataFrame({
+        "part": pl.Series([part] * len(examples), dtype=pl.Enum(["eval", "early", "late"])), "ts": examples.ts,
+        "user_id": examples.user_id, "item_id": examples.item_id, "clicked": examples.label.astype(np.int8),
+        "p": probs.astype(np.float32), "p_copy": pl.Series(copy_probs.astype(np.float32), nan_to_null=True),
+        "segment": pl.Series(segment, dtype=pl.Enum(["head", "torso", "tail", "unseen"])), "new": masks["new"]})

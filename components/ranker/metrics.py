@@ -3,11 +3,13 @@
     log loss     l(y, p)  = -mean[ y log p + (1 - y) log(1 - p) ]
     NE           NE(y, p) = l(y, p) / l(y, mean(y))          (lower is better; 1 = the base rate)
     segments     items sorted by training impressions; head covers the first 25% of impressions,
-                 torso up to 75%, tail the rest; seen / new = had / had no training impressions
+                 torso up to 75%, tail the rest; seen / unseen = had / had no training impressions;
+                 new = created in the evaluation period (the paper's: first seen there), a subset of unseen
     drift        NE(48h..42h before the end of training) - NE(last 6h of training), final model
     AAR          mean 2 |p1 - p2| / (p1 + p2 + eps) over exact-copy item pairs
-    bootstrap    NE(a) - NE(b) on the same impressions, its 95% interval from resampling users with
-                 replacement (paired: both models see the same resample; one heavy user cannot decide it)
+    bootstrap    NE(a) - NE(b) on the same impressions (also drift sensitivity and A/A differences), its 95%
+                 interval from resampling users with replacement (paired: both models see the same resample;
+                 one heavy user cannot decide it)
     attention    on A (rows are distributions over S keys): first-token mean a_{i,1}, padding mass,
                  entropy in bits, self-attention mean a_{i,i}
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-SEGMENTS = ("all", "head", "torso", "tail", "seen", "new")
+SEGMENTS = ("all", "head", "torso", "tail", "seen", "unseen", "new")
 HEAD_SHARE = 0.25  # head: items covering the first 25% of training impressions
 TORSO_SHARE = 0.75  # torso: up to 75%; tail: the rest
 
@@ -83,8 +85,10 @@ def impression_segments(item_ids: np.ndarray) -> pl.DataFrame:
         .otherwise(pl.lit("tail")).alias("segment"))
 
 
-def segment_masks(eval_item_ids: np.ndarray, segments: pl.DataFrame) -> dict[str, np.ndarray]:
-    """A boolean mask over evaluation rows per SEGMENTS name; `segments` is impression_segments' output."""
+def segment_masks(eval_item_ids: np.ndarray, segments: pl.DataFrame,
+                  new_item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A boolean mask over evaluation rows per SEGMENTS name; `segments` is impression_segments' output and
+    `new_item_ids` the items created in the evaluation period."""
     eval_ids = np.asarray(eval_item_ids).ravel()
     order = np.argsort(segments["item_id"].to_numpy(), kind="stable")
     known = segments["item_id"].to_numpy()[order]
@@ -98,7 +102,7 @@ def segment_masks(eval_item_ids: np.ndarray, segments: pl.DataFrame) -> dict[str
         row_code = np.where(seen, code[at], -1)
     masks = {"all": np.ones(len(eval_ids), dtype=bool)}
     masks |= {name: row_code == c for c, name in enumerate(("head", "torso", "tail"))}
-    return masks | {"seen": seen, "new": ~seen}
+    return masks | {"seen": seen, "unseen": ~seen, "new": np.isin(eval_ids, new_item_ids)}
 
 
 def ne_by_segment(y: np.ndarray, p: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -139,47 +143,100 @@ def aar(p1: np.ndarray, p2: np.ndarray, eps: float = 1e-6) -> float:
     if not (np.isfinite(p1).all() and np.isfinite(p2).all()):
         raise ValueError(f"aar: expected finite predictions, found {int((~np.isfinite(p1)).sum())} and "
                          f"{int((~np.isfinite(p2)).sum())} non-finite")
-    return float(np.mean(2 * np.abs(p1 - p2) / (p1 + p2 + eps)))
+    return float(np.mean(aar_terms(p1, p2, eps)))
+
+
+def user_bootstrap(users: np.ndarray, columns: np.ndarray, statistic, resamples: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> dict[str, float]:
+    """{"difference": statistic on the data, "low", "high": its `level` percentile interval} over `resamples` draws
+    of the users with replacement, each drawn user bringing all of their rows.
+
+    `columns` (k, rows) are summed per user once; a resample is a vector of user counts w, so its sums are
+    w @ per-user sums and `statistic` maps sums (k, draws) to values (draws,). Draws without a defined value
+    (NaN, e.g. no clicks) are dropped."""
+    _, user = np.unique(np.asarray(users).ravel(), return_inverse=True)
+    per_user = np.stack([np.bincount(user, weights=c, minlength=user.max() + 1 if len(user) else 0)
+                         for c in columns])  # (k, users)
+    n_users = per_user.shape[1]
+    point = float(statistic(per_user.sum(1)[:, None])[0])
+    rng, uniform = np.random.default_rng(seed), np.full(n_users, 1 / n_users)
+    draws = np.concatenate([statistic(per_user @ rng.multinomial(n_users, uniform, size=min(100, resamples - start)).T)
+                            for start in range(0, resamples, 100)])  # 100 draws at a time: bounded memory
+    draws = draws[np.isfinite(draws)]
+    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return {"difference": point, "low": float(low), "high": float(high)}
+
+
+def _log_loss_terms(y: np.ndarray, p: np.ndarray, eps: float) -> np.ndarray:
+    p = np.clip(p, eps, 1 - eps)
+    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+
+def _ne_difference(delta: np.ndarray, events: np.ndarray, clicks: np.ndarray, eps: float) -> np.ndarray:
+    """NE(a) - NE(b) from sums of loss_a - loss_b, events and clicks (arrays of draws)."""
+    rate = np.clip(clicks / events, eps, 1 - eps)
+    base = -(rate * np.log(rate) + (1 - rate) * np.log1p(-rate))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (delta / events) / base
+
+
+def _checked_users(users: np.ndarray, y: np.ndarray, where: str) -> np.ndarray:
+    users = np.asarray(users).ravel()
+    if users.shape != y.shape:
+        raise ValueError(f"{where}: expected one user per impression ({y.size}), found {users.size}")
+    return users
 
 
 def paired_bootstrap_ne_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, users: np.ndarray,
                                    resamples: int = 1000, level: float = 0.95, seed: int = 0,
                                    eps: float = 1e-7) -> dict[str, float]:
-    """{"difference": NE(y, p_a) - NE(y, p_b), "low", "high": its `level` percentile interval} over `resamples`
-    draws of the users with replacement, each drawn user bringing all of their impressions.
-
-    Vectorised through per-user sums: a resample is a vector of user counts w, and
+    """NE(y, p_a) - NE(y, p_b) and its interval from resampling users (user_bootstrap): per resample
         NE_a - NE_b = (w . (loss_a - loss_b) / w . events) / H(w . clicks / w . events)
     where loss_x sums a user's log-loss terms and H is the base-rate log loss of normalized_entropy."""
     y, p_a = _labels_and_probabilities(y, p_a, "paired_bootstrap_ne_difference")
     _, p_b = _labels_and_probabilities(y, p_b, "paired_bootstrap_ne_difference")
-    users = np.asarray(users).ravel()
-    if users.shape != y.shape:
-        raise ValueError(f"paired_bootstrap_ne_difference: expected one user per impression ({y.size}), found "
-                         f"{users.size}")
-    _, user = np.unique(users, return_inverse=True)
+    users = _checked_users(users, y, "paired_bootstrap_ne_difference")
+    columns = np.stack([_log_loss_terms(y, p_a, eps) - _log_loss_terms(y, p_b, eps), np.ones_like(y), y])
+    return user_bootstrap(users, columns, lambda s: _ne_difference(*s, eps), resamples, level, seed)
 
-    def terms(p: np.ndarray) -> np.ndarray:
-        p = np.clip(p, eps, 1 - eps)
-        return -(y * np.log(p) + (1 - y) * np.log1p(-p))
 
-    per_user = np.stack([np.bincount(user, weights=w) for w in (terms(p_a) - terms(p_b), np.ones_like(y), y)])
+def paired_bootstrap_drift_difference(early: tuple, late: tuple, resamples: int = 1000, level: float = 0.95,
+                                      seed: int = 0, eps: float = 1e-7) -> dict[str, float]:
+    """Drift sensitivity of a minus that of b, (NE_a - NE_b)(early) - (NE_a - NE_b)(late), and its interval from
+    resampling users across both slices together; `early` and `late` are (y, p_a, p_b, users) of each slice."""
+    rows = []
+    for part, (y, p_a, p_b, users) in enumerate((early, late)):
+        y, p_a = _labels_and_probabilities(y, p_a, "paired_bootstrap_drift_difference")
+        _, p_b = _labels_and_probabilities(y, p_b, "paired_bootstrap_drift_difference")
+        users = _checked_users(users, y, "paired_bootstrap_drift_difference")
+        delta = _log_loss_terms(y, p_a, eps) - _log_loss_terms(y, p_b, eps)
+        zero = np.zeros((3, len(y)))
+        mine = np.stack([delta, np.ones_like(y), y])
+        rows.append((users, np.concatenate([mine, zero] if part == 0 else [zero, mine])))
+    users = np.concatenate([r[0] for r in rows])
+    columns = np.concatenate([r[1] for r in rows], axis=1)
+    return user_bootstrap(users, columns, lambda s: _ne_difference(*s[:3], eps) - _ne_difference(*s[3:], eps),
+                          resamples, level, seed)
 
-    def difference(weights: np.ndarray) -> np.ndarray:  # weights: (draws, users)
-        delta, events, clicks = (weights @ per_user.T).T
-        rate = np.clip(clicks / events, eps, 1 - eps)
-        base = -(rate * np.log(rate) + (1 - rate) * np.log1p(-rate))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return (delta / events) / base
 
-    n_users = per_user.shape[1]
-    point = float(difference(np.ones((1, n_users)))[0])
-    rng, uniform = np.random.default_rng(seed), np.full(n_users, 1 / n_users)
-    draws = np.concatenate([difference(rng.multinomial(n_users, uniform, size=min(100, resamples - start)))
-                            for start in range(0, resamples, 100)])  # 100 draws at a time: bounded memory
-    draws = draws[np.isfinite(draws)]  # a resample without clicks (or only clicks) has no NE
-    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    return {"difference": point, "low": float(low), "high": float(high)}
+def paired_bootstrap_mean_difference(a: np.ndarray, b: np.ndarray, users: np.ndarray, resamples: int = 1000,
+                                     level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """mean(a) - mean(b) over the same rows (e.g. the A/A terms of two models on the same copy pairs) and its
+    interval from resampling users."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.size == 0 or a.shape != b.shape:
+        raise ValueError(f"paired_bootstrap_mean_difference: expected two equally long, non-empty arrays, found "
+                         f"{a.size} and {b.size}")
+    users = _checked_users(users, a, "paired_bootstrap_mean_difference")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return user_bootstrap(users, np.stack([a - b, np.ones_like(a)]), lambda s: s[0] / s[1], resamples, level,
+                              seed)
+
+
+def aar_terms(p1: np.ndarray, p2: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """2 |p1 - p2| / (p1 + p2 + eps) of each pair: aar is their mean."""
+    p1, p2 = np.asarray(p1, dtype=np.float64).ravel(), np.asarray(p2, dtype=np.float64).ravel()
+    return 2 * np.abs(p1 - p2) / (p1 + p2 + eps)
 
 
 def attention_diagnostics(attn: np.ndarray, pad: np.ndarray) -> dict[str, float]:

@@ -6,14 +6,21 @@ and the user's click history.
     X   = [sum_g E'[row_g(h_t)] + A[age_t]  for t = 1..T]               (B, T, d) user history, oldest first
     Y   = aggregate(X): bypass X W | transformer block | PMA block      (B, m, d)
     z   = [x_d . x_i, x_d . Y_j, x_i . Y_j, Y_j . Y_k  (all pairs)]     (B, n(n-1)/2), n = 2 + m
-    p   = sigmoid(MLP_top([x_d, z]))                                    click probability, trained with BCE
+    p   = sigmoid(MLP_top([x_d, z]) + w . (f - mean) / std)             click probability, trained with BCE
+
+The linear term w (zero at the start) lets a calibrated dense feature - the user's past click rate above all -
+act on the logit from the first steps; through MLP_dense and MLP_top alone the 60 steps of one pass over two
+years of the MovieLens sample did not learn it (NE on all items 1.08 without it, 0.94 with it, at lr 0.01).
 
 Item rows (ItemLookup), for `item_ids`:
     ie     one row per raw ID known when the model is built; an ID first seen in evaluation has a row that was
            never trained (as in the paper), an ID unknown to the model one shared untrained row
     rh     h(raw ID) mod H, a multiplicative hash
     semid  the SemID codes through a token parameterization (components/ranker/parameterization.py), mod H
-H = ceil(training items / collision_factor) for rh and semid. An item without a SemID falls back to its rh row.
+    hybrid the semid rows plus the item's rh row, from a table of 2H rows (semid in [0, H), rh in [H, 2H)):
+           SemID features next to the raw-ID feature, as the paper's production model added them
+H = ceil(training items / collision_factor) for rh, semid and each half of hybrid. An item without a SemID falls
+back to its rh row.
 
 Transformer block (T queries) and PMA block (d_s learned seed queries), positional embeddings P added first:
     X1 = Attn(Q = LN(S or X + P), K = V = LN(X + P)) + (S or X + P);  X2 = MLP(LN(X1)) + X1
@@ -67,12 +74,16 @@ class ItemLookup(nn.Module):
         elif self.kind == "rh":
             rows = hash_rows(item_id, self.rows)[:, None]  # (B, 1)
         else:
-            rows = parameterization.row_indices(codes.clamp_min(0), self.parameterization, self.K, self.rows,
+            H = self.rows if self.kind == "semid" else self.rows // 2
+            rows = parameterization.row_indices(codes.clamp_min(0), self.parameterization, self.K, H,
                                                 self.ngram_depth)  # (B, G)
             no_semid = (codes[:, 0] < 0)[:, None]
             fallback = torch.full_like(rows, self.rows)
-            fallback[:, 0] = hash_rows(item_id, self.rows)
+            if self.kind == "semid":
+                fallback[:, 0] = hash_rows(item_id, H)
             rows = torch.where(no_semid, fallback, rows)
+            if self.kind == "hybrid":
+                rows = torch.cat([rows, H + hash_rows(item_id, H)[:, None]], dim=1)  # (B, G + 1)
         return torch.where(pad[:, None], self.rows, rows)
 
     def forward(self, item_id: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -144,6 +155,7 @@ class Ranker(nn.Module):
         self.register_buffer("dense_std", torch.ones(F_))
         self.dense = mlp([F_, *config["dense_hidden"], d], last_activation=True) if F_ else None
         self.dense_bias = nn.Parameter(torch.zeros(d)) if not F_ else None  # no dense features: a learned vector
+        self.linear = nn.Parameter(torch.zeros(F_))  # w
         self.age = nn.Embedding(AGE_BUCKETS, d)  # bucket 0: the padding token
         if h["aggregation"] == "bypass":
             self.aggregate, m = Bypass(d, T), T
@@ -158,10 +170,8 @@ class Ranker(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Click logits (B,) and the history attention weights (B, heads, Tq, T) (None for bypass)."""
         B, T = batch["hist_item"].shape
-        if self.dense is not None:
-            x_d = self.dense((batch["dense"] - self.dense_mean) / self.dense_std)  # (B, d)
-        else:
-            x_d = self.dense_bias.expand(B, -1)
+        f = (batch["dense"] - self.dense_mean) / self.dense_std  # (B, F)
+        x_d = self.dense(f) if self.dense is not None else self.dense_bias.expand(B, -1)  # (B, d)
         x_i = self.lookups[self.config["item_ids"]](batch["item_id"], batch["codes"])  # (B, d)
         history = self.lookups[self.config["history"]["item_ids"]]
         hist_codes = batch["hist_codes"].flatten(0, 1)  # (B*T, L)
@@ -169,7 +179,7 @@ class Ranker(nn.Module):
         Y, A = self.aggregate(X)  # (B, m, d)
         V = torch.cat([x_d[:, None], x_i[:, None], Y], dim=1)  # (B, n, d)
         Z = (V @ V.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]  # (B, n(n-1)/2)
-        return self.top(torch.cat([x_d, Z], dim=1)).squeeze(1), A
+        return self.top(torch.cat([x_d, Z], dim=1)).squeeze(1) + f @ self.linear, A
 
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [lookup.table.weight for lookup in self.lookups.values()]

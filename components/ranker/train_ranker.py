@@ -1,9 +1,10 @@
-"""The `train_ranker` stage (`semid train_ranker`): one time-ordered pass over the training window, evaluation on
-the hours right after it, champion/challenger promotion.
+"""The `train_ranker` stage (`semid train_ranker`): time-ordered passes over the training window (ranker.epochs,
+one by default), evaluation on the hours right after it, champion/challenger promotion.
 
     load      the windows (components/ranker/examples.py), the SemID store of the current codebook, the examples
-    train     Adam on the dense parameters, Adagrad on the embedding tables (sparse gradients: dense updates of a
-              2M-row table are 123x slower, README "Benchmarks"); CUDA with bf16 autocast when present, else CPU
+    train     the output bias starts at the base rate's logit; Adam on the dense parameters, Adagrad on the
+              embedding tables (sparse gradients: dense updates of a 2M-row table are 123x slower, README
+              "Benchmarks"); CUDA with bf16 autocast when present, else CPU
     evaluate  NE by segment, drift sensitivity, A/A ratio, attention diagnostics (components/ranker/evaluation.py)
     promote   save models/ranker/<model_version>.pt; models/serving.json switches to it (and its codebook) only
               when the challenger is not worse than the champion (components/ranker/promotion.py)
@@ -11,12 +12,13 @@ the hours right after it, champion/challenger promotion.
 A challenger is trained only when one is due: the champion is ranker.retrain_every_days old, or was trained under
 another codebook than the current one, or nothing serves yet. Otherwise the champion serves on and the stage
 reports it (retrained 0).
-    write     metrics/ranker.json, reports/ranker/ne_by_segment.csv
+    write     metrics/ranker.json, reports/ranker/ne_by_segment.csv, reports/ranker/predictions.parquet
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -32,7 +34,7 @@ from components import provenance, serving
 from components.errors import DataError, ParamsError
 from components.params import RankerParams
 from components.ranker.device import autocast, pick_device, to_device
-from components.ranker.evaluation import copy_partners, evaluate
+from components.ranker.evaluation import copy_partners, created_at, evaluate
 from components.ranker.examples import Examples, load_examples, ranker_window
 from components.ranker.model import Ranker, bce
 from components.ranker.parameterization import NAMES as PARAMETERIZATIONS
@@ -40,11 +42,14 @@ from components.ranker.parameterization import row_indices
 from components.ranker.promotion import load_ranker, promote, save_ranker
 from components.semid import rqvae
 from components.semid.store import SemIdStore, open_store, read_store
-from components.storage import Layout, write_metrics, write_text
+from components.storage import Layout, write_metrics, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
-ITEM_IDS = ("ie", "rh", "semid")
+ITEM_IDS = ("ie", "rh", "semid", "hybrid")
+# The evaluation predictions of the last ranker trained (evaluation.prediction_frame; its model_version in the file's
+# metadata): what the paper report's paired bootstrap resamples. A day the champion serves on leaves them as they are.
+PREDICTIONS = "predictions.parquet"
 # Params that do not change what a champion is: a champion trained under other values of them still serves.
 CADENCE_PARAMS = ("train_end", "retrain_every_days", "promotion", "device")
 AGGREGATIONS = ("bypass", "transformer", "pma")
@@ -57,6 +62,8 @@ def check_params(p: RankerParams) -> None:
                                  ("device", p.device, ("auto", "cpu", "cuda"))):
         if value not in allowed:
             raise ParamsError(f"ranker.{name} is {value!r}, expected one of {', '.join(allowed)}")
+    if p.epochs < 1:
+        raise ParamsError(f"ranker.epochs is {p.epochs}, expected an integer >= 1")
     if p.collision_factor < 1:
         raise ParamsError(f"ranker.collision_factor is {p.collision_factor}, expected >= 1")
     if p.embedding_dim % p.history.heads:
@@ -85,7 +92,8 @@ def model_config(p: RankerParams, train: Examples, K: int, L: int, vocabulary_si
     H = math.ceil(len(np.unique(train.item_id)) / p.collision_factor)
     return {"item_ids": p.item_ids, "parameterization": p.parameterization, "ngram_depth": p.ngram_depth,
             "codebook_size": K, "levels": L, "embedding_dim": p.embedding_dim,
-            "rows": {"ie": vocabulary_size + 1, "rh": H, "semid": H}, "vocabulary_size": vocabulary_size,
+            "rows": {"ie": vocabulary_size + 1, "rh": H, "semid": H, "hybrid": 2 * H},
+            "vocabulary_size": vocabulary_size,
             "dense_features": len(train.dense_columns), "dense_columns": list(train.dense_columns),
             "dense_hidden": list(p.dense_hidden), "top_hidden": list(p.top_hidden),
             "history_length": p.history.length,
@@ -103,21 +111,27 @@ def build_model(p: RankerParams, train: Examples, K: int, L: int, layout: Layout
     if dense.shape[1]:
         model.dense_mean.copy_(dense.mean(0))
         model.dense_std.copy_(dense.std(0).clamp_min(1e-6))
+    # The output starts at the base rate's logit: the first steps learn who clicks, not how often anyone does.
+    rate = float(np.clip(train.label.mean(), 1e-4, 1 - 1e-4))
+    with torch.no_grad():
+        model.top[-1].bias.fill_(math.log(rate / (1 - rate)))
     return model
 
 
-def train_one_pass(model: Ranker, train: Examples, p: RankerParams, device: torch.device) -> dict:
-    """One epoch over the training examples in time order; returns throughput and the loss curve."""
+def train_passes(model: Ranker, train: Examples, p: RankerParams, device: torch.device) -> dict:
+    """ranker.epochs passes over the training examples, each in time order (the paper's one pass by default);
+    returns throughput and the loss curve."""
     dense_opt = torch.optim.Adam(model.dense_parameters(), lr=p.lr)
     sparse_opt = torch.optim.Adagrad(model.sparse_parameters(), lr=p.sparse_lr)
     # Adagrad builds its sparse updates from coalesced gradients: torch's note on skipped checks is noise here.
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     model.train()
     losses, curve, started = [], [], time.perf_counter()
-    steps = math.ceil(len(train) / p.batch_size)
+    steps = p.epochs * math.ceil(len(train) / p.batch_size)
+    passes = (train.batches(p.batch_size) for _ in range(p.epochs))
     with Progress(transient=True) as bar:
-        task = bar.add_task("train ranker (one pass)", total=steps)
-        for step, batch in enumerate(train.batches(p.batch_size)):
+        task = bar.add_task(f"train ranker ({p.epochs} pass{'es' if p.epochs > 1 else ''})", total=steps)
+        for step, batch in enumerate(itertools.chain.from_iterable(passes)):
             batch = to_device(batch, device)
             with autocast(device):
                 logits, _ = model(batch)
@@ -132,7 +146,8 @@ def train_one_pass(model: Ranker, train: Examples, p: RankerParams, device: torc
                 curve.append({"step": step + 1, "loss": float(np.mean(losses[-50:]))})
             bar.advance(task)
     seconds = time.perf_counter() - started
-    return {"examples": len(train), "seconds": round(seconds, 2), "examples_per_s": round(len(train) / seconds),
+    return {"examples": len(train), "seconds": round(seconds, 2),
+            "examples_per_s": round(p.epochs * len(train) / seconds),
             "loss_curve": curve}
 
 
@@ -161,10 +176,11 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
     model = build_model(p, train, K, L, layout).to(device)
     log.info("training %s ranker (%s, history %s) on %s examples, %s on %s", p.item_ids, p.parameterization,
              p.history.aggregation, f"{len(train):,}", device, train_window)
-    training = train_one_pass(model, train, p, device)
+    training = train_passes(model, train, p, device)
 
     # evaluate
-    metrics = evaluate(model, train, evaluation, train_window, p.batch_size, device, copy_partners(layout), store)
+    metrics, predictions = evaluate(model, train, evaluation, train_window, p.batch_size, device,
+                                    copy_partners(layout), created_at(layout), store)
     if metrics["ne"]["all"] is None:
         raise DataError(f"evaluation window [{eval_window.start}, {eval_window.end}) has "
                         f"{metrics['events']['all']} events but no click/no-click mix: NE is undefined")
@@ -178,6 +194,7 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
                                                     + ([layout.semids] if store is not None else []))}
     version = save_ranker(model, layout.ranker, {"params": params, "codebook_version": codebook_version,
                                                  "window": window_json, "provenance": prov, "ne": metrics["ne"]})
+    write_parquet(predictions, layout.reports / "ranker" / PREDICTIONS, metadata={"model_version": version})
     decision = promote(layout, version, metrics["ne"]["all"], eval_window, codebook_version, device,
                        p.promotion.max_ne_regression)
 
