@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from components.errors import DataError
+from components.errors import DataError, IncompatibleCheckpoint
 from components.storage import atomic_path, write_json
 
 FORMAT = 1
@@ -66,12 +66,17 @@ def load(kind: Kind, path: Path, build: Callable[[dict], nn.Module]) -> tuple[nn
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = build(ckpt["config"])
-        model.load_state_dict(ckpt["state_dict"])
     except FileNotFoundError:
         raise DataError(f"{path}: {kind.name} checkpoint not found (run `{kind.made_by}` first)") from None
-    except Exception as exc:  # corrupt zip, unpickling refused, missing keys, shape mismatch
+    except Exception as exc:  # corrupt zip, unpickling refused, a config the code cannot build
         raise DataError(f"{path}: not a valid semid {kind.name} checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0]})") from exc
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as exc:  # missing or unexpected weights, other shapes
+        raise IncompatibleCheckpoint(f"{path}: its weights do not fit the {kind.name} this code builds (saved by "
+                                     f"an earlier model version? {type(exc).__name__}: "
+                                     f"{' '.join(str(exc).split())[:300]})") from exc
     found = content_hash(ckpt["config"], model.state_dict())
     if found != ckpt.get(kind.version_key):
         raise DataError(f"{path}: checkpoint content hash {found} does not match its recorded {kind.version_key} "

@@ -20,3 +20,8 @@ class ValidationFailed(SemidError):
 
 class CodebookVersionMismatch(SemidError):
     """SemIDs of one codebook version were asked for where another version is stored or expected."""
+
+
+class IncompatibleCheckpoint(DataError):
+    """A checkpoint whose weights do not fit the model the current code builds from its config (saved by an
+    earlier version of the model code)."""

@@ -97,7 +97,8 @@ class FakeDvc:
         elif cmd[:4] == ["dvc", "exp", "show", "--json"]:
             revs = [{"name": name, "rev": f"{i:040x}", "data": {
                 "params": {"params.yaml": {"data": nested(self.params or params)}},
-                "metrics": {"metrics/ranker.json": {"data": {"ne": {"all": 0.9 + (i + 1) / 1000}}}}}}
+                "metrics": {"metrics/ranker.json": {"data": {"ne": {"all": 0.9 + (i + 1) / 1000}}}},
+                "outs": {"reports/ranker/predictions.parquet": {"hash": f"{i:032x}", "use_cache": True}}}}
                 for i, (name, params) in enumerate(self.queued) if self.shown]
             stdout = json.dumps([{"rev": "workspace", "experiments": None},
                                  {"rev": "0" * 40, "name": "main", "experiments": [{"revs": [r]} for r in revs]}])
@@ -116,6 +117,7 @@ def test_run_experiments_queues_them_runs_the_queue_and_reads_exp_show():
     assert len(sleeps) == 1  # one poll found them running
     assert [(r["experiment"], r["seed"], r["ne"]["all"]) for r in results] == [
         ("semid_prefix_ngram", 0, 0.901), ("rh", 0, 0.902), ("semid_prefix_ngram", 1, 0.903), ("rh", 1, 0.904)]
+    assert [r["predictions"] for r in results] == [f"{i:032x}" for i in range(4)]  # the DVC hash of each run's
 
 
 def test_a_failed_experiment_is_named():

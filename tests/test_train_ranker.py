@@ -116,6 +116,22 @@ def test_a_worse_challenger_never_touches_the_champion(world):
     assert world.serving.read_bytes() == pointer
 
 
+def test_a_champion_saved_by_an_earlier_model_code_is_replaced_not_a_crash(world):
+    """After an upgrade that adds a weight (as the dense linear term did), the old champion cannot be rebuilt:
+    the stage trains and promotes a challenger instead of failing on it."""
+    day, next_day = dt.date(2026, 1, 14), dt.date(2026, 1, 15)
+    first = run_train_ranker(SMALL, world, as_of=day)
+    path = world.root / serving.resolve(world).ranker
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state_dict"]["linear"]
+    torch.save(ckpt, path)
+    with pytest.raises(DataError, match="do not fit the ranker this code builds"):
+        load_ranker(path)
+    m = run_train_ranker(dataclasses.replace(SMALL, retrain_every_days=7), world, as_of=next_day)
+    assert m["retrained"] is True and m["promotion"]["promoted"]  # not due by the cadence, yet replaced
+    assert f"champion {first['model_version']} cannot be scored by this model code" in m["promotion"]["reason"]
+
+
 def test_a_champion_that_saw_the_evaluation_window_is_not_compared(world):
     """Moving the window back puts the champion's training data inside the challenger's evaluation window."""
     champion = run_train_ranker(SMALL, world)

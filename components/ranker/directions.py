@@ -35,9 +35,11 @@ from rich.progress import Progress
 
 from components.errors import DataError, SemidError
 from components.ranker.metrics import SEGMENTS
+from components.ranker.train_ranker import PREDICTIONS as PREDICTIONS_FILE
 from components.storage import Layout, write_json, write_text
 
 log = logging.getLogger(__name__)
+PREDICTIONS = f"reports/ranker/{PREDICTIONS_FILE}"  # a train_ranker output, DVC-cached
 
 
 def _item_ids(kind: str, parameterization: str = "prefix_ngram") -> dict[str, str]:
@@ -58,10 +60,10 @@ EXPERIMENTS: dict[str, dict[str, str]] = {
 
 # --- running the experiments ---
 
-def experiment_command(name: str, seed: int) -> list[str]:
+def experiment_command(name: str, seed: int, experiments: dict[str, dict[str, str]] = EXPERIMENTS) -> list[str]:
     """The `dvc exp run --queue` command line of one experiment and seed."""
     cmd = ["dvc", "exp", "run", "--queue"]
-    for key, value in {**EXPERIMENTS[name], "ranker.seed": str(seed)}.items():
+    for key, value in {**experiments[name], "ranker.seed": str(seed)}.items():
         cmd += ["-S", f"{key}={value}"]
     return cmd + ["--name", f"{name}-s{seed}"]
 
@@ -77,9 +79,11 @@ def queue_status(runner: Callable) -> dict[str, str]:
     return status
 
 
-def collect(shown: list, runs: list[tuple[str, int]]) -> list[dict]:
-    """{"experiment", "seed", **metrics/ranker.json} of each run, from `dvc exp show --json`; the run's params
-    must carry its overrides."""
+def collect(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dict[str, str]] = EXPERIMENTS
+            ) -> list[dict]:
+    """{"experiment", "seed", **metrics/ranker.json, "predictions": the DVC hash of its
+    reports/ranker/predictions.parquet (None without one)} of each run, from `dvc exp show --json`; the run's
+    params must carry its overrides."""
     revs = {rev["name"]: rev for baseline in shown for exp in baseline.get("experiments") or []
             for rev in exp["revs"]}
     results = []
@@ -89,28 +93,31 @@ def collect(shown: list, runs: list[tuple[str, int]]) -> list[dict]:
             raise DataError(f"`dvc exp show` has no experiment {run} (expected the queue to have run it)")
         data = revs[run]["data"]
         params = _lookup(data, ("params", "params.yaml", "data")) or {}
-        for key, value in {**EXPERIMENTS[name], "ranker.seed": str(seed)}.items():
+        for key, value in {**experiments[name], "ranker.seed": str(seed)}.items():
             found = _lookup(params, key.split("."))
             if str(found) != value:
                 raise DataError(f"experiment {run}: params.yaml has {key} = {found!r}, expected {value!r}")
         metrics = _lookup(data, ("metrics", "metrics/ranker.json", "data"))
         if not isinstance(metrics, dict):
             raise DataError(f"experiment {run}: no metrics/ranker.json (is metrics/ tracked by git?)")
-        results.append({"experiment": name, "seed": seed, **metrics})
+        predictions = _lookup(data, ("outs", PREDICTIONS, "hash"))
+        results.append({"experiment": name, "seed": seed, **metrics, "predictions": predictions})
     return results
 
 
 def run_experiments(names: Sequence[str], seeds: Sequence[int], jobs: int = 2, runner: Callable = subprocess.run,
-                    poll_seconds: float = 10.0, sleep: Callable[[float], None] = time.sleep) -> list[dict]:
-    """Queue every experiment of `names` with every seed (all experiments of one seed, then the next seed),
-    run the queue with `jobs` workers, wait until it is done, and collect {"experiment", "seed", **metrics}."""
-    unknown = [n for n in names if n not in EXPERIMENTS]
+                    poll_seconds: float = 10.0, sleep: Callable[[float], None] = time.sleep,
+                    experiments: dict[str, dict[str, str]] = EXPERIMENTS) -> list[dict]:
+    """Queue every experiment of `names` (keys of `experiments`) with every seed (all experiments of one seed,
+    then the next seed), run the queue with `jobs` workers, wait until it is done, and collect
+    {"experiment", "seed", **metrics, "predictions"}."""
+    unknown = [n for n in names if n not in experiments]
     if unknown:
-        raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(EXPERIMENTS)}")
+        raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(experiments)}")
     runs = [(name, seed) for seed in seeds for name in names]
     for name, seed in runs:
         log.info("queueing %s-s%s", name, seed)
-        runner(experiment_command(name, seed), check=True)
+        runner(experiment_command(name, seed, experiments), check=True)
     runner(["dvc", "queue", "start", "-j", str(jobs)], check=True)
     wanted = {f"{name}-s{seed}" for name, seed in runs}
     with Progress(console=Console(stderr=True)) as progress:
@@ -126,7 +133,7 @@ def run_experiments(names: Sequence[str], seeds: Sequence[int], jobs: int = 2, r
     if failed:
         raise SemidError(f"experiment(s) {failed} failed; see `dvc queue logs NAME`")
     shown = runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
-    return collect(json.loads(shown), runs)
+    return collect(json.loads(shown), runs, experiments)
 
 
 # --- the report ---

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from components import checkpoints, serving
+from components.errors import IncompatibleCheckpoint
 from components.params import RankerParams, from_mapping
 from components.ranker.evaluation import predict
 from components.ranker.examples import load_examples
@@ -57,7 +58,10 @@ def champion_ne(layout: Layout, live: serving.Serving, evaluation_window: Window
                 ) -> tuple[float | None, str]:
     """NE on all items of the serving champion on this evaluation window, or None and why it cannot be scored."""
     version = live.champion
-    model, ckpt = load_ranker(layout.root / live.ranker)
+    try:
+        model, ckpt = load_ranker(layout.root / live.ranker)
+    except IncompatibleCheckpoint as exc:
+        return None, f"champion {version} cannot be scored by this model code ({exc})"
     champion_end = dt.datetime.fromisoformat(ckpt["window"]["train_end"])
     if champion_end > evaluation_window.start:
         return None, (f"champion {version} was trained on data up to {champion_end:%Y-%m-%d %H:%M}, inside this "

@@ -31,7 +31,7 @@ import torch
 from rich.progress import Progress
 
 from components import provenance, serving
-from components.errors import DataError, ParamsError
+from components.errors import DataError, IncompatibleCheckpoint, ParamsError
 from components.params import RankerParams
 from components.ranker.device import autocast, pick_device, to_device
 from components.ranker.evaluation import copy_partners, created_at, evaluate
@@ -224,7 +224,10 @@ def champion_if_not_due(p: RankerParams, layout: Layout, as_of: dt.date, codeboo
     live = serving.read(layout)
     if live is None or live.codebook_version != codebook_version:
         return None
-    _, ckpt = load_ranker(layout.root / live.ranker)
+    try:
+        _, ckpt = load_ranker(layout.root / live.ranker)
+    except IncompatibleCheckpoint:  # saved by an earlier model code: a challenger replaces it
+        return None
     trained_for = dt.datetime.fromisoformat(ckpt["window"]["eval_end"]).date()
     wanted = json.loads(json.dumps(dataclasses.asdict(p), default=str))
     # A champion trained for this very day: the day is run again (after a crash between the switch and the end
