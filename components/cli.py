@@ -275,6 +275,21 @@ def rollback(
     typer.echo(json.dumps(dataclasses.asdict(moved), indent=2))
 
 
+@app.command("paper_report")
+@stage
+def paper_report(
+    quick: Annotated[bool, typer.Option("--quick", help="One seed and five settings (Table 3, A/A, trigram).")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", min=1, help="Experiments run at a time (dvc queue start -j).")] = 2,
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="A ranker seed; repeat it for several "
+                                                                   "(default 0 1 2, --quick: 0).")] = None,
+) -> None:
+    """Measure PAPER.md's findings on the default world with intervals and verdicts: `dvc repro`, then every
+    setting and seed through `dvc exp run --queue`; writes reports/paper/README.md and its plots."""
+    from components.paper.report import run
+
+    run(quick, jobs, seeds or ([0] if quick else [0, 1, 2]))
+
+
 @app.command("serving")
 @stage
 def show_serving() -> None:

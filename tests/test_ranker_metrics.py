@@ -15,9 +15,9 @@ from components.ranker.metrics import (
     ne_by_segment,
     normalized_entropy,
     aar_terms,
-    paired_bootstrap_drift_difference,
-    paired_bootstrap_mean_difference,
-    paired_bootstrap_ne_difference,
+    bootstrap_drift_contrast,
+    bootstrap_mean_contrast,
+    bootstrap_ne_contrast,
     segment_masks,
 )
 
@@ -230,10 +230,10 @@ def test_paired_bootstrap_point_is_the_ne_difference_and_identical_models_differ
     y = (rng.random(2000) < 0.2).astype(float)
     users = rng.integers(0, 100, 2000)
     p_a, p_b = np.clip(0.2 + 0.3 * (y - 0.2) + rng.normal(0, 0.05, 2000), 0.01, 0.99), np.full(2000, 0.2)
-    found = paired_bootstrap_ne_difference(y, p_a, p_b, users, resamples=300)
+    found = bootstrap_ne_contrast(y, [(1, p_a), (-1, p_b)], users, resamples=300)
     assert found["difference"] == pytest.approx(normalized_entropy(y, p_a) - normalized_entropy(y, p_b), abs=1e-9)
     assert found["low"] <= found["difference"] <= found["high"] < 0  # a, the informative one, is better
-    same = paired_bootstrap_ne_difference(y, p_a, p_a, users, resamples=300)
+    same = bootstrap_ne_contrast(y, [(1, p_a), (-1, p_a)], users, resamples=300)
     assert same == {"difference": 0.0, "low": 0.0, "high": 0.0}
 
 
@@ -247,22 +247,22 @@ def test_paired_bootstrap_resamples_users_so_one_heavy_user_cannot_decide():
     p_a = np.concatenate([np.where(y_heavy == 1, 0.6, 0.1), np.full(600, 0.3)])
     p_b = np.concatenate([np.full(1000, 0.25), np.full(600, 0.2)])
     users = np.concatenate([np.zeros(1000), 1 + np.arange(600) // 20])
-    by_user = paired_bootstrap_ne_difference(y, p_a, p_b, users, resamples=2000)
-    by_impression = paired_bootstrap_ne_difference(y, p_a, p_b, np.arange(1600), resamples=2000)
+    by_user = bootstrap_ne_contrast(y, [(1, p_a), (-1, p_b)], users, resamples=2000)
+    by_impression = bootstrap_ne_contrast(y, [(1, p_a), (-1, p_b)], np.arange(1600), resamples=2000)
     assert by_user["difference"] == pytest.approx(by_impression["difference"], abs=1e-12)
     assert by_user["difference"] < 0
     assert by_user["low"] < 0 < by_user["high"]
     assert by_impression["high"] < 0
-    assert paired_bootstrap_ne_difference(y, p_a, p_b, users, resamples=2000) == by_user  # seeded
+    assert bootstrap_ne_contrast(y, [(1, p_a), (-1, p_b)], users, resamples=2000) == by_user  # seeded
 
 
 def test_paired_bootstrap_rejects_users_of_another_length():
     with pytest.raises(ValueError, match="expected one user per impression"):
-        paired_bootstrap_ne_difference(np.array([0.0, 1.0]), np.array([0.2, 0.8]), np.array([0.5, 0.5]),
-                                       np.array([1]))
+        bootstrap_ne_contrast(np.array([0.0, 1.0]), [(1, np.array([0.2, 0.8])), (-1, np.array([0.5, 0.5]))],
+                              np.array([1]))
 
 
-def test_paired_bootstrap_of_drift_sensitivity_is_the_difference_of_the_slices_differences():
+def test_bootstrap_of_drift_sensitivity_is_the_difference_of_the_slices_differences():
     rng = np.random.default_rng(1)
     slices = []
     for informative in (0.3, 0.0):  # a is better than b early, equal late: a drifts more (larger early - late)
@@ -273,14 +273,25 @@ def test_paired_bootstrap_of_drift_sensitivity_is_the_difference_of_the_slices_d
     (ye, ae, be, _), (yl, al, bl, _) = slices
     expected = ((normalized_entropy(ye, ae) - normalized_entropy(yl, al))
                 - (normalized_entropy(ye, be) - normalized_entropy(yl, bl)))
-    found = paired_bootstrap_drift_difference(*slices, resamples=300)
+    found = bootstrap_drift_contrast(*[(y, [(1, a), (-1, b)], u) for y, a, b, u in slices], resamples=300)
     assert found["difference"] == pytest.approx(expected, abs=1e-9)
     assert found["high"] < 0  # a's early NE is lower, so a's drift sensitivity is lower by a clear margin
 
 
-def test_paired_bootstrap_mean_difference_by_hand():
+def test_bootstrap_mean_contrast_by_hand():
     a, b = np.array([0.2, 0.2, 0.4, 0.4]), np.array([0.1, 0.1, 0.1, 0.1])
-    found = paired_bootstrap_mean_difference(a, b, users=np.array([1, 1, 2, 2]), resamples=500)
+    found = bootstrap_mean_contrast([(1, a), (-1, b)], users=np.array([1, 1, 2, 2]), resamples=500)
     assert found["difference"] == pytest.approx(0.2)
     assert found["low"] == pytest.approx(0.1) and found["high"] == pytest.approx(0.3)  # all user 1 .. all user 2
     assert aar_terms([0.1, 0.3], [0.1, 0.1]).tolist() == pytest.approx([0.0, 2 * 0.2 / (0.4 + 1e-6)])
+
+
+def test_a_four_model_contrast_is_the_difference_of_differences():
+    rng = np.random.default_rng(2)
+    y = (rng.random(2000) < 0.3).astype(float)
+    users = rng.integers(0, 150, 2000)
+    p = [np.clip(0.3 + k * 0.1 * (y - 0.3) + rng.normal(0, 0.03, 2000), 0.01, 0.99) for k in range(4)]
+    found = bootstrap_ne_contrast(y, [(1, p[3]), (-1, p[2]), (-1, p[1]), (1, p[0])], users, resamples=200)
+    ne = [normalized_entropy(y, q) for q in p]
+    assert found["difference"] == pytest.approx((ne[3] - ne[2]) - (ne[1] - ne[0]), abs=1e-9)
+    assert found["low"] <= found["difference"] <= found["high"]

@@ -95,6 +95,14 @@ def shared_depth(tax: Taxonomy, leaf_a: np.ndarray, leaf_b: np.ndarray) -> np.nd
             + (tax.l1[leaf_a] == tax.l1[leaf_b]))
 
 
+def click_probability(p: WorldParams, affinity: np.ndarray, effect: np.ndarray, bias: np.ndarray,
+                      position: np.ndarray, age_days: np.ndarray) -> np.ndarray:
+    """The world's click model: sigmoid(base + w affinity + item effect + user bias - 0.12 (position - 1)
+    - 0.03 age in days)."""
+    logit = (p.base_logit + p.affinity_weight * affinity + effect + bias - 0.12 * (position - 1) - 0.03 * age_days)
+    return 1 / (1 + np.exp(-logit))
+
+
 def impression_shares(n: int, p: WorldParams) -> np.ndarray:
     """Share of all impressions for popularity ranks 1..n: differences of a cumulative curve S(q) that is
     piecewise linear in log-log space through (head fraction, head share), (torso fraction, torso share), (1, 1)."""
@@ -268,9 +276,8 @@ def make_day(day: int, p: WorldParams, tax: Taxonomy, items: pl.DataFrame, users
     bias = users["bias"].to_numpy()[user]
     position = rng.integers(1, 11, len(idx)).astype(np.float32)
     age_days = (ts - alive["born"].to_numpy()[idx]).astype(np.float32)
-    logit = (p.base_logit + p.affinity_weight * affinity + alive["effect"].to_numpy()[idx] + bias
-             - 0.12 * (position - 1) - 0.03 * age_days)
-    clicked = rng.random(len(idx)) < 1 / (1 + np.exp(-logit))
+    ctr = click_probability(p, affinity, alive["effect"].to_numpy()[idx], bias, position, age_days)
+    clicked = rng.random(len(idx)) < ctr
     order = np.argsort(ts, kind="stable")
     return pl.DataFrame({
         "ts": _to_utc(ts[order]),

@@ -187,50 +187,53 @@ def _checked_users(users: np.ndarray, y: np.ndarray, where: str) -> np.ndarray:
     return users
 
 
-def paired_bootstrap_ne_difference(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, users: np.ndarray,
-                                   resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                                   eps: float = 1e-7) -> dict[str, float]:
-    """NE(y, p_a) - NE(y, p_b) and its interval from resampling users (user_bootstrap): per resample
-        NE_a - NE_b = (w . (loss_a - loss_b) / w . events) / H(w . clicks / w . events)
-    where loss_x sums a user's log-loss terms and H is the base-rate log loss of normalized_entropy."""
-    y, p_a = _labels_and_probabilities(y, p_a, "paired_bootstrap_ne_difference")
-    _, p_b = _labels_and_probabilities(y, p_b, "paired_bootstrap_ne_difference")
-    users = _checked_users(users, y, "paired_bootstrap_ne_difference")
-    columns = np.stack([_log_loss_terms(y, p_a, eps) - _log_loss_terms(y, p_b, eps), np.ones_like(y), y])
+def _contrast_columns(y, terms, users, where: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """users and the columns [sum_i s_i loss_i, 1, y] of one set of impressions scored by several models."""
+    y = _labels_and_probabilities(y, terms[0][1], where)[0]
+    delta = np.zeros_like(y)
+    for sign, p in terms:
+        delta += sign * _log_loss_terms(y, _labels_and_probabilities(y, p, where)[1], eps)
+    return _checked_users(users, y, where), np.stack([delta, np.ones_like(y), y])
+
+
+def bootstrap_ne_contrast(y: np.ndarray, terms: list[tuple[float, np.ndarray]], users: np.ndarray,
+                          resamples: int = 1000, level: float = 0.95, seed: int = 0, eps: float = 1e-7
+                          ) -> dict[str, float]:
+    """sum_i s_i NE(y, p_i) over `terms` [(s_i, p_i)] of models scored on the same impressions - [(1, p_a),
+    (-1, p_b)] is NE(a) - NE(b) - and its interval from resampling users (user_bootstrap): per resample
+        sum_i s_i NE_i = (w . sum_i s_i loss_i / w . events) / H(w . clicks / w . events)
+    where loss_i sums a user's log-loss terms under p_i and H is the base-rate log loss of normalized_entropy."""
+    users, columns = _contrast_columns(y, terms, users, "bootstrap_ne_contrast", eps)
     return user_bootstrap(users, columns, lambda s: _ne_difference(*s, eps), resamples, level, seed)
 
 
-def paired_bootstrap_drift_difference(early: tuple, late: tuple, resamples: int = 1000, level: float = 0.95,
-                                      seed: int = 0, eps: float = 1e-7) -> dict[str, float]:
-    """Drift sensitivity of a minus that of b, (NE_a - NE_b)(early) - (NE_a - NE_b)(late), and its interval from
-    resampling users across both slices together; `early` and `late` are (y, p_a, p_b, users) of each slice."""
-    rows = []
-    for part, (y, p_a, p_b, users) in enumerate((early, late)):
-        y, p_a = _labels_and_probabilities(y, p_a, "paired_bootstrap_drift_difference")
-        _, p_b = _labels_and_probabilities(y, p_b, "paired_bootstrap_drift_difference")
-        users = _checked_users(users, y, "paired_bootstrap_drift_difference")
-        delta = _log_loss_terms(y, p_a, eps) - _log_loss_terms(y, p_b, eps)
-        zero = np.zeros((3, len(y)))
-        mine = np.stack([delta, np.ones_like(y), y])
-        rows.append((users, np.concatenate([mine, zero] if part == 0 else [zero, mine])))
-    users = np.concatenate([r[0] for r in rows])
-    columns = np.concatenate([r[1] for r in rows], axis=1)
-    return user_bootstrap(users, columns, lambda s: _ne_difference(*s[:3], eps) - _ne_difference(*s[3:], eps),
-                          resamples, level, seed)
+def bootstrap_drift_contrast(early: tuple, late: tuple, resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                             eps: float = 1e-7) -> dict[str, float]:
+    """sum_i s_i DS_i, DS = NE(early) - NE(late) (drift sensitivity), and its interval from resampling users across
+    both slices together; `early` and `late` are (y, terms [(s_i, p_i)], users) of each slice."""
+    users, parts = [], []
+    for part, (y, terms, part_users) in enumerate((early, late)):
+        u, columns = _contrast_columns(y, terms, part_users, "bootstrap_drift_contrast", eps)
+        zero = np.zeros_like(columns)
+        users.append(u)
+        parts.append(np.concatenate([columns, zero] if part == 0 else [zero, columns]))
+    return user_bootstrap(np.concatenate(users), np.concatenate(parts, axis=1),
+                          lambda s: _ne_difference(*s[:3], eps) - _ne_difference(*s[3:], eps), resamples, level, seed)
 
 
-def paired_bootstrap_mean_difference(a: np.ndarray, b: np.ndarray, users: np.ndarray, resamples: int = 1000,
-                                     level: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """mean(a) - mean(b) over the same rows (e.g. the A/A terms of two models on the same copy pairs) and its
+def bootstrap_mean_contrast(terms: list[tuple[float, np.ndarray]], users: np.ndarray, resamples: int = 1000,
+                            level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """sum_i s_i mean(v_i) over the same rows (e.g. the A/A terms of models on the same copy pairs) and its
     interval from resampling users."""
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    if a.size == 0 or a.shape != b.shape:
-        raise ValueError(f"paired_bootstrap_mean_difference: expected two equally long, non-empty arrays, found "
-                         f"{a.size} and {b.size}")
-    users = _checked_users(users, a, "paired_bootstrap_mean_difference")
+    values = [np.asarray(v, dtype=np.float64).ravel() for _, v in terms]
+    if not values or values[0].size == 0 or any(v.shape != values[0].shape for v in values):
+        raise ValueError(f"bootstrap_mean_contrast: expected equally long, non-empty arrays, found "
+                         f"{[v.size for v in values]}")
+    combined = sum(sign * v for (sign, _), v in zip(terms, values))
+    users = _checked_users(users, combined, "bootstrap_mean_contrast")
     with np.errstate(divide="ignore", invalid="ignore"):
-        return user_bootstrap(users, np.stack([a - b, np.ones_like(a)]), lambda s: s[0] / s[1], resamples, level,
-                              seed)
+        return user_bootstrap(users, np.stack([combined, np.ones_like(combined)]), lambda s: s[0] / s[1],
+                              resamples, level, seed)
 
 
 def aar_terms(p1: np.ndarray, p2: np.ndarray, eps: float = 1e-6) -> np.ndarray:
