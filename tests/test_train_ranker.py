@@ -13,6 +13,7 @@ from components import serving
 from components.data.world import run_generate
 from components.errors import CodebookVersionMismatch, DataError, ParamsError
 from components.params import BackfillParams, EmbedParams, HistoryParams, RankerParams, RQVAEParams
+from components.paper.click_loss import click_loss
 from components.ranker import metrics as ranker_metrics
 from components.data.contracts import ITEM_AGE
 from components.ranker.evaluation import copy_partners, created_at, predict, swap_items
@@ -248,3 +249,17 @@ def test_the_topic_match_probe_reads_prefix_shares_and_beats_the_base_rate(world
     assert match_features(one).tolist() == [[3 / 4, 2 / 4, 1 / 4, pytest.approx(np.log(5))]]
     p = probe_probabilities(fit_probe(train), evaluation)
     assert ranker_metrics.normalized_entropy(evaluation.label, p) < 1
+
+
+def test_click_loss_of_swaps_by_shared_prefix_depth(world):
+    """The click-loss measurement of the paper report, on the ground truth of the small world (its test encoder's
+    codes do not follow topics, so no direction is expected here: the default world's is in the report)."""
+    store = read_store(world.semids)
+    _, evaluation_window = ranker_window(SMALL, world.validated)
+    found = click_loss(world, store, FAST_RQVAE.codebook_size, *evaluation_window, resamples=200)
+    assert found["impressions"] > 100 and list(found["loss"]) == [0, 1, 2, 3]
+    assert all(i["low"] <= i["difference"] <= i["high"] for i in found["loss"].values())
+    assert found["loss"][0]["high"] < 0  # any item alive: clicks lost
+    for d in range(3):  # one level more: the difference of the two losses, on the same impressions
+        step = found["deeper_loses_less"][f"{d}->{d + 1}"]["difference"]
+        assert step == pytest.approx(found["loss"][d + 1]["difference"] - found["loss"][d]["difference"])
