@@ -78,9 +78,9 @@ class FakeDvc:
     the first poll and Success (Failed for names in `fail`) after; `dvc exp show --json` gives each run's params
     (as queued, or `params` instead) and metrics."""
 
-    def __init__(self, fail=(), params=None, shown=True):
+    def __init__(self, fail=(), params=None, shown=True, existing=()):
         self.calls, self.queued, self.polls = [], [], 0
-        self.fail, self.params, self.shown = set(fail), params, shown
+        self.fail, self.params, self.shown, self.existing = set(fail), params, shown, list(existing)
 
     def __call__(self, cmd, check, capture_output=False, text=False):
         assert check is True
@@ -94,6 +94,12 @@ class FakeDvc:
                     f"{'Running' if self.polls == 1 else 'Failed' if name in self.fail else 'Success'}"
                     for i, (name, _) in enumerate(self.queued)]
             stdout = "Task     Name     Created    Status\n" + "\n".join(rows) + "\n\nWorker status: 0 active\n"
+        elif cmd[:3] == ["dvc", "exp", "remove"]:
+            self.existing = [name for name in self.existing if name not in cmd[3:]]
+        elif cmd[:4] == ["dvc", "exp", "show", "--json"] and not self.queued:  # before the run: earlier ones
+            revs = [{"name": name, "rev": f"{i + 100:040x}", "data": {}} for i, name in enumerate(self.existing)]
+            stdout = json.dumps([{"rev": "workspace", "experiments": None},
+                                 {"rev": "0" * 40, "name": "main", "experiments": [{"revs": [r]} for r in revs]}])
         elif cmd[:4] == ["dvc", "exp", "show", "--json"]:
             revs = [{"name": name, "rev": f"{i:040x}", "data": {
                 "params": {"params.yaml": {"data": nested(self.params or params)}},
@@ -108,16 +114,24 @@ class FakeDvc:
 def test_run_experiments_queues_them_runs_the_queue_and_reads_exp_show():
     fake, sleeps = FakeDvc(), []
     results = run_experiments(["semid_prefix_ngram", "rh"], [0, 1], jobs=2, runner=fake, sleep=sleeps.append)
-    assert [c[-1] for c in fake.calls[:4]] == ["semid_prefix_ngram-s0", "rh-s0", "semid_prefix_ngram-s1", "rh-s1"]
-    assert fake.calls[1] == ["dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=rh", "-S",
+    assert fake.calls[0] == ["dvc", "exp", "show", "--json"]  # no earlier experiment of these names: none removed
+    assert [c[-1] for c in fake.calls[1:5]] == ["semid_prefix_ngram-s0", "rh-s0", "semid_prefix_ngram-s1", "rh-s1"]
+    assert fake.calls[2] == ["dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=rh", "-S",
                              "ranker.history.item_ids=rh", "-S", "ranker.parameterization=prefix_ngram", "-S",
                              "ranker.seed=0", "--name", "rh-s0"]
-    assert fake.calls[4:] == [["dvc", "queue", "start", "-j", "2"], ["dvc", "queue", "status"],
+    assert fake.calls[5:] == [["dvc", "queue", "start", "-j", "2"], ["dvc", "queue", "status"],
                               ["dvc", "queue", "status"], ["dvc", "exp", "show", "--json"]]
     assert len(sleeps) == 1  # one poll found them running
     assert [(r["experiment"], r["seed"], r["ne"]["all"]) for r in results] == [
         ("semid_prefix_ngram", 0, 0.901), ("rh", 0, 0.902), ("semid_prefix_ngram", 1, 0.903), ("rh", 1, 0.904)]
     assert [r["predictions"] for r in results] == [f"{i:032x}" for i in range(4)]  # the DVC hash of each run's
+
+
+def test_a_second_run_replaces_the_earlier_experiments_of_the_same_names():
+    fake = FakeDvc(existing=["rh-s0", "rh-s7", "other"])
+    run_experiments(["rh"], [0], runner=fake, sleep=lambda s: None)
+    assert fake.calls[1] == ["dvc", "exp", "remove", "rh-s0"]  # only the name this run will use again
+    assert fake.existing == ["rh-s7", "other"]
 
 
 def test_a_failed_experiment_is_named():

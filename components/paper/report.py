@@ -78,49 +78,57 @@ QUICK = ("semid", "rh", "ie", "hybrid", "semid_trigram")  # one seed: Table 3, A
 @dataclasses.dataclass(frozen=True)
 class Finding:
     """One direction of the paper: sum of sign x metric(setting) over `terms` is below 0 ("lower") or is 0
-    ("neutral"). metric: "ne:<segment>", "drift:all" or "aar"."""
+    ("neutral"). metric: "ne:<segment>", "drift:all" or "aar". paper: the size PAPER.md reports, relative to the
+    second setting's metric (-0.0041: NE 0.41% lower), or absolute for drift sensitivity; None where it gives
+    none."""
     table: str
     claim: str
     metric: str
     terms: tuple[tuple[int, str], ...]
     expect: str = "lower"
+    paper: float | None = None
 
     @property
     def settings(self) -> list[str]:
         return [name for _, name in self.terms]
 
 
-def _versus(table: str, claim: str, metric: str, ours: str, theirs: str, expect: str = "lower") -> Finding:
-    return Finding(table, claim, metric, ((1, ours), (-1, theirs)), expect)
+def _versus(table: str, claim: str, metric: str, ours: str, theirs: str, expect: str = "lower",
+            paper: float | None = None) -> Finding:
+    return Finding(table, claim, metric, ((1, ours), (-1, theirs)), expect, paper)
 
 
 FINDINGS = (
-    # Table 2: parameterizations, codebook size, prefix depth
-    *[_versus("2", f"prefix-ngram beats {other.split('_', 1)[1].replace('_', ' ')}", "ne:all", "semid", other)
-      for other in ("semid_unigram", "semid_trigram", "semid_all_bigrams")],
+    # Table 2: parameterizations, codebook size, prefix depth (the paper's train NE gains at K = 2048: prefix-3gram
+    # -0.141%, trigram -0.028%, all bigrams -0.091%; prefix-3gram at K 512 -0.034%, 1024 -0.097%, 2048 -0.141%)
+    _versus("2", "prefix-ngram beats unigram", "ne:all", "semid", "semid_unigram"),
+    _versus("2", "prefix-ngram beats trigram", "ne:all", "semid", "semid_trigram", paper=-0.00113),
+    _versus("2", "prefix-ngram beats all bigrams", "ne:all", "semid", "semid_all_bigrams", paper=-0.0005),
     _versus("2", "prefix-4gram beats fourgram (L = 6)", "ne:all", "semid_L6_n4", "semid_L6_fourgram"),
-    *[_versus("2", f"K = {big} beats K = {small}", "ne:all", f"semid_K{big}", "semid" if small == 256 else
-              f"semid_K{small}") for small, big in ((256, 512), (512, 1024), (1024, 2048))],
+    _versus("2", "K = 512 beats K = 256", "ne:all", "semid_K512", "semid"),
+    _versus("2", "K = 1024 beats K = 512", "ne:all", "semid_K1024", "semid_K512", paper=-0.00063),
+    _versus("2", "K = 2048 beats K = 1024", "ne:all", "semid_K2048", "semid_K1024", paper=-0.00044),
     *[_versus("2", f"prefix depth {n + 1} beats {n} (L = 6)", "ne:all", f"semid_L6_n{n + 1}", f"semid_L6_n{n}")
       for n in (3, 4, 5)],
     # Table 3: segments and drift
     _versus("3", "SemID is neutral to RH on head items", "ne:head", "semid", "rh", expect="neutral"),
     _versus("3", "SemID beats RH on tail items", "ne:tail", "semid", "rh"),
-    _versus("3", "SemID beats RH on new items", "ne:new", "semid", "rh"),
-    _versus("3", "SemID beats IE on new items", "ne:new", "semid", "ie"),
-    _versus("3", "SemID beats RH on all items", "ne:all", "semid", "rh"),
-    _versus("3", "SemID is less sensitive to drift than RH", "drift:all", "semid", "rh"),
+    _versus("3", "SemID beats RH on new items", "ne:new", "semid", "rh", paper=-0.0041),
+    _versus("3", "SemID beats IE on new items", "ne:new", "semid", "ie", paper=-0.0033),
+    _versus("3", "SemID beats RH on all items", "ne:all", "semid", "rh", paper=-0.0005),
+    _versus("3", "SemID is less sensitive to drift than RH", "drift:all", "semid", "rh", paper=-0.0010),
     # Table 4: the longer window helps SemID more: (long - short) for SemID below (long - short) for RH
     Finding("4", f"{SHORT_TRAIN_DAYS} -> 42 training days helps SemID more than RH", "ne:all",
-            ((1, "semid"), (-1, "semid_short"), (-1, "rh"), (1, "rh_short"))),
+            ((1, "semid"), (-1, "semid_short"), (-1, "rh"), (1, "rh_short")), paper=-0.0005),
     # Table 6: SemID's gain over RH is larger with a contextualising history module than with bypass
     *[Finding("6", f"SemID's gain over RH is larger with {module} than with bypass", "ne:all",
-              ((1, f"semid_{module}"), (-1, f"rh_{module}"), (-1, "semid"), (1, "rh")))
-      for module in ("transformer", "pma")],
+              ((1, f"semid_{module}"), (-1, f"rh_{module}"), (-1, "semid"), (1, "rh")), paper=paper)
+      for module, paper in (("transformer", -0.00025), ("pma", -0.00015))],
     # A/A: the copy of an item moves the prediction less
     _versus("A/A", "SemID has a lower A/A ratio than RH", "aar", "semid", "rh"),
     _versus("A/A", "SemID has a lower A/A ratio than IE", "aar", "semid", "ie"),
-    _versus("A/A", "SemID features next to the raw ID (hybrid) lower RH's A/A ratio", "aar", "hybrid", "rh"),
+    _versus("A/A", "SemID features next to the raw ID (hybrid) lower RH's A/A ratio", "aar", "hybrid", "rh",
+            paper=-0.43),
 )
 ATTENTION = ("entropy", "padding_mass", "first_token", "self_attention")  # Table 7, per run (summaries only)
 
@@ -202,16 +210,42 @@ def verdict(finding: Finding, intervals: list[dict]) -> str:
     return "within noise"
 
 
+def paper_effect(finding: Finding, results: list[dict]) -> float | None:
+    """The paper's size of the finding on our scale: relative sizes times the second setting's metric here."""
+    if finding.paper is None or finding.metric.startswith("drift"):
+        return finding.paper
+    kind, _, segment = finding.metric.partition(":")
+    base = _mean(results, finding.terms[1][1], *(("aar",) if kind == "aar" else ("ne", segment)))
+    return None if base is None else finding.paper * base
+
+
+def explanation(finding: Finding, intervals: list[dict], effect: float | None) -> str:
+    """What the measurement says about a verdict other than holds: whether these impressions could resolve the
+    paper's effect at all (the interval's half-width against it)."""
+    width = max((i["high"] - i["low"]) / 2 for i in intervals)
+    if effect is None:
+        return f"the interval's half-width is {width:.4f}; PAPER.md gives no size for this effect"
+    ratio = width / abs(effect) if effect else float("inf")
+    if ratio > 1:
+        return (f"unresolvable here: the interval's half-width ({width:.4f}) is {ratio:.1f}x the paper's effect "
+                f"({effect:+.4f}), so even the paper's model would not show it on these impressions")
+    return (f"resolvable here (half-width {width:.4f} against the paper's effect {effect:+.4f}): our models differ "
+            f"from the paper's, not the test")
+
+
 def judge(results: list[dict], frames: dict[tuple[str, int], pl.DataFrame], resamples: int = 1000) -> list[dict]:
-    """Each finding whose settings all ran: its per-seed intervals and verdict."""
+    """Each finding whose settings all ran: its per-seed intervals, verdict, the paper's effect on our scale
+    and, for a verdict other than holds, what the measurement says about it."""
     seeds = sorted({r["seed"] for r in results})
     judged = []
     for finding in FINDINGS:
         if not all((name, s) in frames for name in finding.settings for s in seeds):
             continue
         intervals = [measure(finding, [frames[(name, s)] for name in finding.settings], s, resamples) for s in seeds]
-        judged.append({**dataclasses.asdict(finding), "seeds": seeds, "intervals": intervals,
-                       "verdict": verdict(finding, intervals)})
+        effect, found = paper_effect(finding, results), verdict(finding, intervals)
+        judged.append({**dataclasses.asdict(finding), "seeds": seeds, "intervals": intervals, "verdict": found,
+                       "paper_effect": effect,
+                       "explanation": None if found == "holds" else explanation(finding, intervals, effect)})
     return judged
 
 
@@ -254,13 +288,18 @@ def render(results: list[dict], judged: list[dict], click: dict | None, quick: b
         "",
         "## Verdicts",
         "",
-        "| table | the paper's direction | " + " | ".join(f"seed {s}: difference [95% interval]" for s in seeds)
-        + " | verdict |",
-        "|---|---|" + "---|" * len(seeds) + "---|",
+        "| table | the paper's direction | the paper's size here | "
+        + " | ".join(f"seed {s}: difference [95% interval]" for s in seeds) + " | verdict |",
+        "|---|---|---:|" + "---|" * len(seeds) + "---|",
     ]
     for j in judged:
-        lines.append(f"| {j['table']} | {j['claim']} ({j['metric']}) | "
+        effect = "n/a" if j["paper_effect"] is None else f"{j['paper_effect']:+.4f}"
+        lines.append(f"| {j['table']} | {j['claim']} ({j['metric']}) | {effect} | "
                      + " | ".join(_interval(i) for i in j["intervals"]) + f" | **{j['verdict']}** |")
+    unresolved = [j for j in judged if j["explanation"]]
+    if unresolved:
+        lines += ["", "Verdicts other than holds, measured:", ""]
+        lines += [f"- {j['claim']} (**{j['verdict']}**): {j['explanation']}." for j in unresolved]
     lines += ["", "## NE by segment, drift sensitivity, A/A (mean over seeds)", "",
               "![NE by segment](ne_by_segment.png)", "",
               "| setting | " + " | ".join(f"NE {s}" for s in SEGMENTS) + " | drift sensitivity | AAR |",

@@ -14,8 +14,8 @@ and writes a short markdown table that checks:
 
 Queued experiments run in temporary copies of the last commit, so the workspace and params.yaml stay as they
 are; the metrics come back because metrics/ is tracked by git. Every experiment sets all the keys any of them
-changes. DVC names experiments per baseline commit: to run the set again on the same commit, `dvc exp remove`
-the earlier ones first.
+changes. DVC names experiments per baseline commit: running the set again on the same commit replaces the
+earlier experiments of the same names.
 """
 from __future__ import annotations
 
@@ -105,6 +105,18 @@ def collect(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dic
     return results
 
 
+def remove_earlier(names: list[str], runner: Callable) -> None:
+    """`dvc exp remove` the experiments of this baseline that carry one of `names` (a run of the same set
+    before): DVC refuses a second experiment of a name, and the new run replaces the old."""
+    shown = json.loads(runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+    existing = {rev.get("name") for baseline in shown for exp in baseline.get("experiments") or []
+                for rev in exp["revs"]}
+    earlier = [name for name in names if name in existing]
+    if earlier:
+        log.info("replacing the earlier experiments %s", ", ".join(earlier))
+        runner(["dvc", "exp", "remove", *earlier], check=True)
+
+
 def run_experiments(names: Sequence[str], seeds: Sequence[int], jobs: int = 2, runner: Callable = subprocess.run,
                     poll_seconds: float = 10.0, sleep: Callable[[float], None] = time.sleep,
                     experiments: dict[str, dict[str, str]] = EXPERIMENTS) -> list[dict]:
@@ -115,6 +127,7 @@ def run_experiments(names: Sequence[str], seeds: Sequence[int], jobs: int = 2, r
     if unknown:
         raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(experiments)}")
     runs = [(name, seed) for seed in seeds for name in names]
+    remove_earlier([f"{name}-s{seed}" for name, seed in runs], runner)
     for name, seed in runs:
         log.info("queueing %s-s%s", name, seed)
         runner(experiment_command(name, seed, experiments), check=True)
