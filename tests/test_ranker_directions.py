@@ -11,6 +11,7 @@ from components.ranker.directions import (
     directions_table,
     experiment_command,
     main,
+    queue_status,
     read_results,
     run_experiments,
 )
@@ -115,11 +116,12 @@ def test_run_experiments_queues_them_runs_the_queue_and_reads_exp_show():
     fake, sleeps = FakeDvc(), []
     results = run_experiments(["semid_prefix_ngram", "rh"], [0, 1], jobs=2, runner=fake, sleep=sleeps.append)
     assert fake.calls[0] == ["dvc", "exp", "show", "--json"]  # no earlier experiment of these names: none removed
-    assert [c[-1] for c in fake.calls[1:5]] == ["semid_prefix_ngram-s0", "rh-s0", "semid_prefix_ngram-s1", "rh-s1"]
-    assert fake.calls[2] == ["dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=rh", "-S",
+    assert fake.calls[1] == ["dvc", "queue", "remove", "--success", "--failed"]
+    assert [c[-1] for c in fake.calls[2:6]] == ["semid_prefix_ngram-s0", "rh-s0", "semid_prefix_ngram-s1", "rh-s1"]
+    assert fake.calls[3] == ["dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=rh", "-S",
                              "ranker.history.item_ids=rh", "-S", "ranker.parameterization=prefix_ngram", "-S",
                              "ranker.seed=0", "--name", "rh-s0"]
-    assert fake.calls[5:] == [["dvc", "queue", "start", "-j", "2"], ["dvc", "queue", "status"],
+    assert fake.calls[6:] == [["dvc", "queue", "start", "-j", "2"], ["dvc", "queue", "status"],
                               ["dvc", "queue", "status"], ["dvc", "exp", "show", "--json"]]
     assert len(sleeps) == 1  # one poll found them running
     assert [(r["experiment"], r["seed"], r["ne"]["all"]) for r in results] == [
@@ -279,3 +281,14 @@ def test_main_with_a_bad_results_file(tmp_path, capsys):
 def test_read_results_of_a_missing_file(tmp_path):
     with pytest.raises(DataError, match="results file not found"):
         read_results(tmp_path / "nope.json")
+
+
+def test_a_name_still_queued_or_running_is_not_done_whatever_finished_before():
+    table = ("Task     Name    Created    Status\n"
+             "9b9460d  ie-s0   04:31 PM   Running\n"
+             "1270a5f  rh-s0   04:31 PM   Queued\n"
+             "180c42a  ie-s0   03:47 PM   Success\n"
+             "70b11bd  rh-s0   03:47 PM   Failed\n"
+             "a874d20  semid-s0   04:31 PM   Success\n\nWorker status: 2 active, 0 idle\n")
+    runner = lambda cmd, check, capture_output, text: subprocess.CompletedProcess(cmd, 0, stdout=table)  # noqa: E731
+    assert queue_status(runner) == {"ie-s0": "Running", "rh-s0": "Queued", "semid-s0": "Success"}

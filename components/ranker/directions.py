@@ -69,13 +69,15 @@ def experiment_command(name: str, seed: int, experiments: dict[str, dict[str, st
 
 
 def queue_status(runner: Callable) -> dict[str, str]:
-    """Experiment name -> Queued | Running | Success | Failed, from `dvc queue status` (it has no JSON)."""
+    """Experiment name -> Queued | Running | Success | Failed, from `dvc queue status` (it has no JSON). A name
+    with a task still queued or running is not done, whatever tasks of it finished before."""
     out = runner(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
-    status = {}
+    status: dict[str, str] = {}
     for row in out.splitlines()[1:]:  # Task  Name  Created  Status
         fields = row.split()
         if len(fields) >= 4 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
-            status[fields[1]] = fields[-1]
+            if status.get(fields[1]) not in ("Queued", "Running"):
+                status[fields[1]] = fields[-1]
     return status
 
 
@@ -128,6 +130,7 @@ def run_experiments(names: Sequence[str], seeds: Sequence[int], jobs: int = 2, r
         raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(experiments)}")
     runs = [(name, seed) for seed in seeds for name in names]
     remove_earlier([f"{name}-s{seed}" for name, seed in runs], runner)
+    runner(["dvc", "queue", "remove", "--success", "--failed"], check=True)  # earlier runs' tasks (not their data)
     for name, seed in runs:
         log.info("queueing %s-s%s", name, seed)
         runner(experiment_command(name, seed, experiments), check=True)
