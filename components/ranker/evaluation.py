@@ -84,6 +84,11 @@ def created_at(layout: Layout) -> pl.DataFrame:
         "item_id", created=pl.col("created_at").dt.cast_time_unit("us").cast(pl.Int64))
 
 
+def new_items(created: pl.DataFrame, start: dt.datetime) -> np.ndarray:
+    """The items created at or after `start` (the evaluation window's): PAPER.md's new items."""
+    return created.filter(pl.col("created") >= int(start.timestamp() * 1_000_000))["item_id"].to_numpy()
+
+
 def swap_items(examples: Examples, partners: pl.DataFrame, created: pl.DataFrame, store: SemIdStore | None
                ) -> tuple[np.ndarray, Examples]:
     """The rows of the examples whose item has an exact copy, and those examples with the copy in its place: the
@@ -106,11 +111,9 @@ def evaluate(model: Ranker, train: Examples, evaluation: Examples, train_window:
     predictions behind them (`prediction_frame`: what a paired bootstrap resamples); `created` is created_at's
     output (new items, the copies' ages)."""
     segments = metrics.impression_segments(train.item_id)
-    start = int(train_window.end.timestamp() * 1_000_000)
-    new_items = created.filter(pl.col("created") >= start)["item_id"].to_numpy()
     no_new = np.empty(0, np.int64)  # training slices: every item was created before the evaluation
     probs, attention = predict(model, evaluation, batch_size, device, ATTENTION_ROWS)
-    masks = metrics.segment_masks(evaluation.item_id, segments, new_items)
+    masks = metrics.segment_masks(evaluation.item_id, segments, new_items(created, train_window.end))
     by_segment = metrics.ne_by_segment(evaluation.label, probs, masks)
     copy_probs = np.full(len(evaluation), np.nan)
     rows, copies = swap_items(evaluation, partners, created, store)

@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from components.errors import DataError
 from components.params import load_params
-from components.ranker.evaluation import created_at
+from components.ranker.evaluation import created_at, new_items
 from components.ranker.examples import PAD, Examples, load_examples, ranker_window
 from components.ranker.metrics import impression_segments, ne_by_segment, segment_masks
 from components.ranker.train_ranker import current_store
@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     store, _, _ = current_store(dataclasses.replace(p, item_ids="semid"), layout)
     train = load_examples(layout.validated, *train_window, store, p, "training")
     evaluation = load_examples(layout.validated, *eval_window, store, p, "evaluation")
-    created = created_at(layout)
-    start = int(train_window.end.timestamp() * 1_000_000)
-    new = created.filter(created["created"] >= start)["item_id"].to_numpy()
+    new = new_items(created_at(layout), train_window.end)
     masks = segment_masks(evaluation.item_id, impression_segments(train.item_id), new)
     figures = ne_by_segment(evaluation.label, probe_probabilities(fit_probe(train, p.seed), evaluation), masks)
     print(json.dumps({"probe_ne": {name: s["ne"] for name, s in figures.items()}}))
