@@ -133,9 +133,10 @@ class RankerParams:
     ngram_depth: int = 3  # n of prefix_ngram (<= L)
     collision_factor: float = 3.0  # RH and SemID tables: H = ceil(training items / collision_factor)
     missing_semid: str = "rh"  # items without a SemID: "rh" (hash their raw ID, counted) | "fail"
-    train_end: dt.date | None = None  # end (exclusive) of training; None: eval_hours before the data's end
-    train_days: int = 42
+    train_end: dt.date | None = None  # end (exclusive) of training; None: the evaluation window's start
+    train_days: int | None = 42  # None: from the data's first day
     eval_hours: int = 72
+    eval_share: float | None = None  # the evaluation window holds this share of the events (instead of eval_hours)
     retrain_every_days: int = 1  # a new challenger when the champion was trained this many days before as_of
     embedding_dim: int = 64
     dense_hidden: tuple[int, ...] = (64,)

@@ -231,6 +231,23 @@ def test_ranker_window_defaults_to_the_end_of_the_data(ten_days):
     assert ranker_window(p, ten_days, as_of=dt.date(2026, 1, 8)) == (Window(day(3), day(7)), Window(day(7), day(8)))
 
 
+def test_eval_share_sizes_the_evaluation_window_by_events(tmp_path):
+    """Nine days of one event, then a day of nine (hours 1-9): half the events are that last day's, so the
+    evaluation starts at its 01:00, and training without train_days goes back to the data's first day."""
+    data = DataDir(tmp_path)
+    for day in range(9):
+        data.write_events(T0.date() + dt.timedelta(days=day), events_frame([(24 * day + 12, 1, day, 1)]))
+    last_day = events_frame([(24 * 9 + h, 1, 10 + h, 1) for h in range(1, 10)])
+    data.write_events(T0.date() + dt.timedelta(days=9), last_day)
+    day = lambda d, h=0: dt.datetime(2026, 1, d, h, tzinfo=UTC)  # noqa: E731
+    p = RankerParams(train_days=None, eval_share=0.5)
+    assert ranker_window(p, data) == (Window(day(1), day(10, 1)), Window(day(10, 1), day(11)))
+    p = RankerParams(train_days=2, eval_share=0.6)  # 11 of 18 events: day 9's nine and the two noons before it
+    assert ranker_window(p, data) == (Window(day(6, 12), day(8, 12)), Window(day(8, 12), day(11)))
+    as_of = ranker_window(RankerParams(train_days=None, eval_share=0.5), data, as_of=dt.date(2026, 1, 9))
+    assert as_of == (Window(day(1), day(5, 12)), Window(day(5, 12), day(9)))  # 4 of the 8 days' events
+
+
 @pytest.mark.parametrize("p, error, names", [
     (RankerParams(train_days=10), DataError, ["ranker.train_days", "starts before the data"]),
     (RankerParams(train_end=dt.date(2026, 1, 3), train_days=3), DataError, ["ranker.train_end", "2026-01-01"]),
@@ -238,6 +255,8 @@ def test_ranker_window_defaults_to_the_end_of_the_data(ten_days):
      ["ranker.eval_hours", "ends after"]),
     (RankerParams(train_days=0), ParamsError, ["ranker.train_days"]),
     (RankerParams(eval_hours=0), ParamsError, ["ranker.eval_hours"]),
+    (RankerParams(eval_share=1.0), ParamsError, ["ranker.eval_share", "(0, 1)"]),
+    (RankerParams(train_days=None, train_end=dt.date(2026, 1, 1)), DataError, ["ranker.train_end"]),
 ])
 def test_ranker_window_outside_the_data_is_refused(tmp_path, p, error, names):
     data = DataDir(tmp_path)

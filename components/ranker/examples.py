@@ -58,22 +58,32 @@ AGE_OF_HOURS = np.array([min((1 + q).bit_length(), AGE_BUCKETS - 1) for q in ran
 
 def ranker_window(p: RankerParams, data: DataDir, as_of: dt.date | None = None) -> tuple[Window, Window]:
     """The training window and the evaluation window right after it. Training ends at `ranker.train_end`
-    (midnight UTC) or, when unset, eval_hours before as_of (default: the end of the data, the day after its last
-    partition)."""
-    for name, value in (("train_days", p.train_days), ("eval_hours", p.eval_hours)):
-        if value < 1:
-            raise ParamsError(f"ranker.{name} is {value}, expected an integer >= 1")
+    (midnight UTC) or, when unset, where the evaluation window before as_of starts (default as_of: the end of the
+    data, the day after its last partition): eval_hours before it, or with eval_share the last whole hours that
+    hold that share of the events. Training lasts train_days, or with train_days null goes back to the data's
+    first day."""
+    if p.train_days is not None and p.train_days < 1:
+        raise ParamsError(f"ranker.train_days is {p.train_days}, expected an integer >= 1 or null (all the data)")
+    if p.eval_hours < 1:
+        raise ParamsError(f"ranker.eval_hours is {p.eval_hours}, expected an integer >= 1")
+    if p.eval_share is not None and not 0 < p.eval_share < 1:
+        raise ParamsError(f"ranker.eval_share is {p.eval_share}, expected a share in (0, 1) or null")
     span = data_span(data)
     if span is None:
         raise DataError(f"{data.events}: no events files (expected {data.events}/date=YYYY-MM-DD/*.parquet)")
-    eval_length = dt.timedelta(hours=p.eval_hours)
     end = span.end if as_of is None else utc_midnight(as_of)
-    train_end = end - eval_length if p.train_end is None else utc_midnight(p.train_end)
-    train = Window.ending(train_end, dt.timedelta(days=p.train_days))
-    evaluation = Window(train_end, train_end + eval_length)
+    if p.train_end is not None:
+        train_end, set_by = utc_midnight(p.train_end), "ranker.train_end"
+    elif p.eval_share is not None:
+        train_end, set_by = share_start(data, Window(span.start, end), p.eval_share), "ranker.eval_share"
+    else:
+        train_end, set_by = end - dt.timedelta(hours=p.eval_hours), "ranker.eval_hours"
+    eval_end = end if p.train_end is None else train_end + dt.timedelta(hours=p.eval_hours)
+    train = Window(span.start, train_end) if p.train_days is None else \
+        Window.ending(train_end, dt.timedelta(days=p.train_days))
+    evaluation = Window(train_end, eval_end)
     covered = f"the events in {data.events} cover [{span.start:%Y-%m-%d}, {span.end:%Y-%m-%d})"
-    set_by = "ranker.train_end" if p.train_end is not None else "ranker.eval_hours"
-    if train.start < span.start:
+    if train.start >= train.end or train.start < span.start:
         raise DataError(f"training window [{train.start:%Y-%m-%d %H:%M}, {train.end:%Y-%m-%d %H:%M}) "
                         f"starts before the data: {covered}; lower ranker.train_days ({p.train_days}) or move "
                         f"{set_by}")
@@ -82,6 +92,25 @@ def ranker_window(p: RankerParams, data: DataDir, as_of: dt.date | None = None) 
                         f"ends after the data: {covered}; move ranker.train_end ({p.train_end}) or lower "
                         f"ranker.eval_hours ({p.eval_hours})")
     return train, evaluation
+
+
+def share_start(data: DataDir, window: Window, share: float) -> dt.datetime:
+    """The latest whole hour h in `window` such that [h, window.end) holds at least `share` of the window's
+    events: an evaluation window sized by events rather than time, for data whose rate changes over the years.
+    Reads only the ts column, one day partition at a time."""
+    start_us, end_us = (int(t.timestamp() * 1_000_000) for t in window)
+    hours = [pl.scan_parquet(path).select(ts=pl.col("ts").dt.epoch("us")).filter(
+                 pl.col("ts").is_between(start_us, end_us, closed="left")).select(
+                 hour=pl.col("ts") // US_PER_HOUR).collect()["hour"]
+             for day, path in data.event_files() if window.covers_day(day)]
+    counts = pl.concat(hours).value_counts(name="n").sort("hour", descending=True) if hours else None
+    if counts is None or counts.height < 2:
+        raise DataError(f"{data.events}: events in fewer than two hours of {window}; ranker.eval_share needs "
+                        f"at least two to split them into training and evaluation")
+    total = int(counts["n"].sum())
+    reached = counts.filter(pl.col("n").cum_sum() >= share * total)["hour"]
+    hour = max(int(reached[0]), int(counts["hour"][-1]) + 1)  # the oldest hour is left for training
+    return dt.datetime.fromtimestamp(hour * 3600, tz=dt.timezone.utc)
 
 
 # ---------------------------------------------------------------------------------------------- examples
