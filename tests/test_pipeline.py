@@ -1,4 +1,5 @@
 """Integration: a real `dvc repro` and a real Prefect flow run over a copy of this repo on a small world."""
+import functools
 import json
 import os
 import shutil
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from components.paper.experiments import run_experiments
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
@@ -111,8 +114,8 @@ def commit(repo: Path, message: str) -> None:
 
 
 def test_dvc_the_way_its_users_expect(repo):
-    """Numbers-only metrics in git: `dvc exp run --temp` and the queue bring them back, the directions grid runs on
-    the queue and leaves params.yaml alone; every stage depends on the shared storage module."""
+    """Numbers-only metrics in git: `dvc exp run --temp` and the queue bring them back, the paper report's runner
+    runs settings on the queue and leaves params.yaml alone; every stage depends on the shared storage module."""
     run(["dvc", "repro"], repo)
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     (workspace,) = shown.values()
@@ -131,12 +134,13 @@ def test_dvc_the_way_its_users_expect(repo):
     assert exps["temp-rh"]["metrics"]["metrics/ranker.json"]["data"]["ne"]["all"] > 0
 
     params = (repo / "params.yaml").read_text()
-    out = repo / "reports" / "ranker" / "directions.md"
-    run([sys.executable, "-m", "components.ranker.directions", "--seeds", "0", "--experiments", "semid_prefix_ngram",
-         "rh", "--jobs", "2", "--out", str(out)], repo)
-    results = json.loads(out.with_suffix(".json").read_text())
-    assert [(r["experiment"], r["seed"]) for r in results] == [("semid_prefix_ngram", 0), ("rh", 0)]
-    assert all(r["ne"]["all"] > 0 for r in results) and "| rh | 0 |" in out.read_text()
+    settings = {"semid": {}, "rh": {"ranker.item_ids": "rh", "ranker.history.item_ids": "rh"}}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    in_repo = functools.partial(subprocess.run, cwd=repo, env=env)
+    results = run_experiments(settings, ["semid", "rh"], [0], jobs=2, runner=in_repo, poll_seconds=2)
+    assert [(r["experiment"], r["seed"]) for r in results] == [("semid", 0), ("rh", 0)]
+    assert all(r["ne"]["all"] > 0 and r["predictions"] for r in results)
+    assert results[0]["ne"] != results[1]["ne"]  # each ran with its own overrides
     assert (repo / "params.yaml").read_text() == params  # queued runs happen in temporary copies
 
     with (repo / "components" / "storage.py").open("a") as f:

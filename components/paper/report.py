@@ -3,7 +3,7 @@ and a verdict, in reports/paper/README.md (generated: never edit it by hand) wit
 
     baseline  `dvc repro`: the pipeline's outputs in the DVC cache, which every experiment starts from
     run       every setting x seed through `dvc exp run --queue -S ...` and `dvc queue start -j N`
-              (components/ranker/directions.py's runner): params.yaml and the workspace are left alone
+              (components/paper/experiments.py): params.yaml and the workspace are left alone
     read      each run's metrics, and its reports/ranker/predictions.parquet from the DVC cache by the hash
               `dvc exp show --json` gives
     compare   a finding is a signed sum of settings' NE (or drift sensitivity, or A/A ratio) that the paper says is
@@ -29,8 +29,8 @@ import polars as pl
 
 from components.errors import DataError
 from components.paper.click_loss import click_loss
+from components.paper.experiments import run_experiments
 from components.params import load_params
-from components.ranker import directions
 from components.ranker.examples import ranker_window
 from components.ranker.metrics import (
     SEGMENTS,
@@ -383,7 +383,7 @@ def run(quick: bool, jobs: int, seeds: Sequence[int], out: Path = OUT, runner: C
     started = time.perf_counter()
     runner(["dvc", "repro"], check=True)
     names = list(QUICK if quick else SETTINGS)
-    results = directions.run_experiments(names, seeds, jobs=jobs, runner=runner, experiments=SETTINGS)
+    results = run_experiments(SETTINGS, names, seeds, jobs=jobs, runner=runner)
     frames = read_predictions(results, cache_dir(runner))
     p, layout = load_params().ranker, Layout()
     store, K, _ = current_store(dataclasses.replace(p, item_ids="semid"), layout)

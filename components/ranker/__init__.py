@@ -1,2 +1,2 @@
-"""The ranker family: token parameterizations, examples, the DLRM model, its training stage, evaluation, promotion
-and the paper-directions report."""
+"""The ranker family: token parameterizations, examples, the DLRM model, its training stage, evaluation,
+promotion and the topic-match probe."""

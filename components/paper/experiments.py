@@ -1,0 +1,124 @@
+"""Run ranker experiments on DVC's queue and read their results back: the paper report's runner.
+
+Each experiment is a set of `-S key=value` overrides, run once per seed as `dvc exp run --queue ... --name
+NAME-sSEED`; `dvc queue start -j N` runs them in temporary copies of the last commit, so the workspace and
+params.yaml stay as they are; metrics/ranker.json comes back through git and the predictions' DVC hash through
+`dvc exp show --json`. DVC names experiments per baseline commit: running a set again on the same commit
+replaces the earlier experiments of the same names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+from rich.console import Console
+from rich.progress import Progress
+
+from components.errors import DataError, SemidError
+from components.ranker.train_ranker import PREDICTIONS as PREDICTIONS_FILE
+
+log = logging.getLogger(__name__)
+PREDICTIONS = f"reports/ranker/{PREDICTIONS_FILE}"  # a train_ranker output, DVC-cached
+
+
+
+def experiment_command(name: str, seed: int, experiments: dict[str, dict[str, str]]) -> list[str]:
+    """The `dvc exp run --queue` command line of one experiment and seed."""
+    cmd = ["dvc", "exp", "run", "--queue"]
+    for key, value in {**experiments[name], "ranker.seed": str(seed)}.items():
+        cmd += ["-S", f"{key}={value}"]
+    return cmd + ["--name", f"{name}-s{seed}"]
+
+
+def queue_status(runner: Callable) -> dict[str, str]:
+    """Experiment name -> Queued | Running | Success | Failed, from `dvc queue status` (it has no JSON). A name
+    with a task still queued or running is not done, whatever tasks of it finished before."""
+    out = runner(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
+    status: dict[str, str] = {}
+    for row in out.splitlines()[1:]:  # Task  Name  Created  Status
+        fields = row.split()
+        if len(fields) >= 4 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
+            if status.get(fields[1]) not in ("Queued", "Running"):
+                status[fields[1]] = fields[-1]
+    return status
+
+
+def collect(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dict[str, str]]) -> list[dict]:
+    """{"experiment", "seed", **metrics/ranker.json, "predictions": the DVC hash of its
+    reports/ranker/predictions.parquet (None without one)} of each run, from `dvc exp show --json`; the run's
+    params must carry its overrides."""
+    revs = {rev["name"]: rev for baseline in shown for exp in baseline.get("experiments") or []
+            for rev in exp["revs"]}
+    results = []
+    for name, seed in runs:
+        run = f"{name}-s{seed}"
+        if run not in revs or not revs[run].get("data"):
+            raise DataError(f"`dvc exp show` has no experiment {run} (expected the queue to have run it)")
+        data = revs[run]["data"]
+        params = _lookup(data, ("params", "params.yaml", "data")) or {}
+        for key, value in {**experiments[name], "ranker.seed": str(seed)}.items():
+            found = _lookup(params, key.split("."))
+            if str(found) != value:
+                raise DataError(f"experiment {run}: params.yaml has {key} = {found!r}, expected {value!r}")
+        metrics = _lookup(data, ("metrics", "metrics/ranker.json", "data"))
+        if not isinstance(metrics, dict):
+            raise DataError(f"experiment {run}: no metrics/ranker.json (is metrics/ tracked by git?)")
+        predictions = _lookup(data, ("outs", PREDICTIONS, "hash"))
+        results.append({"experiment": name, "seed": seed, **metrics, "predictions": predictions})
+    return results
+
+
+def remove_earlier(names: list[str], runner: Callable) -> None:
+    """`dvc exp remove` the experiments of this baseline that carry one of `names` (a run of the same set
+    before): DVC refuses a second experiment of a name, and the new run replaces the old."""
+    shown = json.loads(runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+    existing = {rev.get("name") for baseline in shown for exp in baseline.get("experiments") or []
+                for rev in exp["revs"]}
+    earlier = [name for name in names if name in existing]
+    if earlier:
+        log.info("replacing the earlier experiments %s", ", ".join(earlier))
+        runner(["dvc", "exp", "remove", *earlier], check=True)
+
+
+def run_experiments(experiments: dict[str, dict[str, str]], names: Sequence[str], seeds: Sequence[int],
+                    jobs: int = 2, runner: Callable = subprocess.run, poll_seconds: float = 10.0,
+                    sleep: Callable[[float], None] = time.sleep) -> list[dict]:
+    """Queue every experiment of `names` (keys of `experiments`) with every seed (all experiments of one seed,
+    then the next seed), run the queue with `jobs` workers, wait until it is done, and collect
+    {"experiment", "seed", **metrics, "predictions"}."""
+    unknown = [n for n in names if n not in experiments]
+    if unknown:
+        raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(experiments)}")
+    runs = [(name, seed) for seed in seeds for name in names]
+    remove_earlier([f"{name}-s{seed}" for name, seed in runs], runner)
+    runner(["dvc", "queue", "remove", "--success", "--failed"], check=True)  # earlier runs' tasks (not their data)
+    for name, seed in runs:
+        log.info("queueing %s-s%s", name, seed)
+        runner(experiment_command(name, seed, experiments), check=True)
+    runner(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+    wanted = {f"{name}-s{seed}" for name, seed in runs}
+    with Progress(console=Console(stderr=True)) as progress:
+        task = progress.add_task(f"{len(runs)} experiments, {jobs} at a time", total=len(runs))
+        while True:
+            status = queue_status(runner)
+            done = [run for run in wanted if status.get(run) in ("Success", "Failed")]
+            progress.update(task, completed=len(done))
+            if len(done) == len(wanted):
+                break
+            sleep(poll_seconds)
+    failed = sorted(run for run in wanted if status.get(run) != "Success")
+    if failed:
+        raise SemidError(f"experiment(s) {failed} failed; see `dvc queue logs NAME`")
+    shown = runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
+    return collect(json.loads(shown), runs, experiments)
+
+
+def _lookup(d: object, path: Sequence[str]) -> object:
+    for key in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
