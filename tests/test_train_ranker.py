@@ -249,6 +249,9 @@ def test_the_topic_match_probe_reads_prefix_shares_and_beats_the_base_rate(world
     assert match_features(one).tolist() == [[3 / 4, 2 / 4, 1 / 4, pytest.approx(np.log(5))]]
     p = probe_probabilities(fit_probe(train), evaluation)
     assert ranker_metrics.normalized_entropy(evaluation.label, p) < 1
+    baseline = probe_probabilities(fit_probe(train, match=False), evaluation, match=False)
+    assert not np.allclose(p, baseline)  # the baseline sees the dense features only
+    assert ranker_metrics.normalized_entropy(evaluation.label, baseline) < 1
 
 
 def test_click_loss_of_swaps_by_shared_prefix_depth(world):
