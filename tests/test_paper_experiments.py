@@ -39,9 +39,10 @@ class FakeDvc:
     the first poll and Success (Failed for names in `fail`) after; `dvc exp show --json` gives each run's params
     (as queued, or `params` instead) and metrics."""
 
-    def __init__(self, fail=(), params=None, shown=True, existing=()):
+    def __init__(self, fail=(), params=None, shown=True, existing=(), finished=()):
         self.calls, self.queued, self.polls = [], [], 0
         self.fail, self.params, self.shown, self.existing = set(fail), params, shown, list(existing)
+        self.finished = list(finished)  # (name, params) of runs an earlier report finished on this commit
 
     def __call__(self, cmd, check, capture_output=False, text=False):
         assert check is True
@@ -57,8 +58,10 @@ class FakeDvc:
             stdout = "Task     Name     Created    Status\n" + "\n".join(rows) + "\n\nWorker status: 0 active\n"
         elif cmd[:3] == ["dvc", "exp", "remove"]:
             self.existing = [name for name in self.existing if name not in cmd[3:]]
+            self.finished = [(name, params) for name, params in self.finished if name not in cmd[3:]]
         elif cmd[:4] == ["dvc", "exp", "show", "--json"] and not self.queued:  # before the run: earlier ones
             revs = [{"name": name, "rev": f"{i + 100:040x}", "data": {}} for i, name in enumerate(self.existing)]
+            revs += self.finished_revs()
             stdout = json.dumps([{"rev": "workspace", "experiments": None},
                                  {"rev": "0" * 40, "name": "main", "experiments": [{"revs": [r]} for r in revs]}])
         elif cmd[:4] == ["dvc", "exp", "show", "--json"]:
@@ -66,10 +69,17 @@ class FakeDvc:
                 "params": {"params.yaml": {"data": nested(self.params or params)}},
                 "metrics": {"metrics/ranker.json": {"data": {"ne": {"all": 0.9 + (i + 1) / 1000}}}},
                 "outs": {"reports/ranker/predictions.parquet": {"hash": f"{i:032x}", "use_cache": True}}}}
-                for i, (name, params) in enumerate(self.queued) if self.shown]
+                for i, (name, params) in enumerate(self.queued) if self.shown] + self.finished_revs()
             stdout = json.dumps([{"rev": "workspace", "experiments": None},
                                  {"rev": "0" * 40, "name": "main", "experiments": [{"revs": [r]} for r in revs]}])
         return subprocess.CompletedProcess(cmd, 0, stdout=stdout)
+
+    def finished_revs(self) -> list[dict]:
+        return [{"name": name, "rev": f"{i + 200:040x}", "data": {
+            "params": {"params.yaml": {"data": nested(params)}},
+            "metrics": {"metrics/ranker.json": {"data": {"ne": {"all": 0.8}}}},
+            "outs": {"reports/ranker/predictions.parquet": {"hash": "f" * 32, "use_cache": True}}}}
+            for i, (name, params) in enumerate(self.finished)]
 
 
 def test_run_experiments_queues_them_runs_the_queue_and_reads_exp_show():
@@ -95,6 +105,23 @@ def test_a_second_run_replaces_the_earlier_experiments_of_the_same_names():
     run_experiments(EXPERIMENTS, ["rh"], [0], runner=fake, sleep=lambda s: None)
     assert fake.calls[1] == ["dvc", "exp", "remove", "rh-s0"]  # only the name this run will use again
     assert fake.existing == ["rh-s7", "other"]
+
+
+def test_a_rerun_on_the_same_commit_reuses_the_finished_experiments():
+    rh0 = ("rh-s0", {**EXPERIMENTS["rh"], "ranker.seed": "0"})
+    stale = ("ie-s0", {**EXPERIMENTS["rh"], "ranker.seed": "0"})  # the name, but other params: not reused
+    fake = FakeDvc(finished=[rh0, stale])
+    results = run_experiments(EXPERIMENTS, ["semid_prefix_ngram", "rh", "ie"], [0], runner=fake, sleep=lambda s: None)
+    assert [name for name, _ in fake.queued] == ["semid_prefix_ngram-s0", "ie-s0"]
+    assert ["dvc", "exp", "remove", "ie-s0"] in fake.calls
+    assert [(r["experiment"], r["ne"]["all"], r["reused"]) for r in results] == [
+        ("semid_prefix_ngram", 0.901, False), ("rh", 0.8, True), ("ie", 0.902, False)]
+
+
+def test_nothing_is_queued_when_every_run_is_finished():
+    fake = FakeDvc(finished=[("rh-s0", {**EXPERIMENTS["rh"], "ranker.seed": "0"})])
+    assert [r["experiment"] for r in run_experiments(EXPERIMENTS, ["rh"], [0], runner=fake)] == ["rh"]
+    assert fake.calls == [["dvc", "exp", "show", "--json"]] * 2
 
 
 def test_a_failed_experiment_is_named():

@@ -3,8 +3,9 @@
 Each experiment is a set of `-S key=value` overrides, run once per seed as `dvc exp run --queue ... --name
 NAME-sSEED`; `dvc queue start -j N` runs them in temporary copies of the last commit, so the workspace and
 params.yaml stay as they are; metrics/ranker.json comes back through git and the predictions' DVC hash through
-`dvc exp show --json`. DVC names experiments per baseline commit: running a set again on the same commit
-replaces the earlier experiments of the same names.
+`dvc exp show --json`. DVC names experiments per baseline commit: running a set again on the same commit reuses
+the finished experiments of the same names and params (a long report stopped half-way resumes) and replaces the
+others.
 """
 from __future__ import annotations
 
@@ -71,10 +72,22 @@ def collect(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dic
     return results
 
 
-def remove_earlier(names: list[str], runner: Callable) -> None:
-    """`dvc exp remove` the experiments of this baseline that carry one of `names` (a run of the same set
-    before): DVC refuses a second experiment of a name, and the new run replaces the old."""
-    shown = json.loads(runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+def finished(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dict[str, str]]) -> set[str]:
+    """The runs this baseline already holds with their overrides applied and their metrics written: the same
+    commit and params give the same results, so a report stopped half-way resumes where it stopped."""
+    done = set()
+    for name, seed in runs:
+        try:
+            collect(shown, [(name, seed)], experiments)
+        except DataError:
+            continue
+        done.add(f"{name}-s{seed}")
+    return done
+
+
+def remove_earlier(names: list[str], shown: list, runner: Callable) -> None:
+    """`dvc exp remove` the experiments of this baseline that carry one of `names` (an unfinished or different
+    run of the same name before): DVC refuses a second experiment of a name, and the new run replaces the old."""
     existing = {rev.get("name") for baseline in shown for exp in baseline.get("experiments") or []
                 for rev in exp["revs"]}
     earlier = [name for name in names if name in existing]
@@ -83,37 +96,53 @@ def remove_earlier(names: list[str], runner: Callable) -> None:
         runner(["dvc", "exp", "remove", *earlier], check=True)
 
 
+def show(runner: Callable) -> list:
+    return json.loads(runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+
+
 def run_experiments(experiments: dict[str, dict[str, str]], names: Sequence[str], seeds: Sequence[int],
                     jobs: int = 2, runner: Callable = subprocess.run, poll_seconds: float = 10.0,
                     sleep: Callable[[float], None] = time.sleep) -> list[dict]:
     """Queue every experiment of `names` (keys of `experiments`) with every seed (all experiments of one seed,
-    then the next seed), run the queue with `jobs` workers, wait until it is done, and collect
-    {"experiment", "seed", **metrics, "predictions"}."""
+    then the next seed) that this baseline does not already hold finished, run the queue with `jobs` workers, wait
+    until it is done, and collect {"experiment", "seed", **metrics, "predictions", "reused"} of them all."""
     unknown = [n for n in names if n not in experiments]
     if unknown:
         raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(experiments)}")
     runs = [(name, seed) for seed in seeds for name in names]
-    remove_earlier([f"{name}-s{seed}" for name, seed in runs], runner)
-    runner(["dvc", "queue", "remove", "--success", "--failed"], check=True)  # earlier runs' tasks (not their data)
-    for name, seed in runs:
-        log.info("queueing %s-s%s", name, seed)
-        runner(experiment_command(name, seed, experiments), check=True)
-    runner(["dvc", "queue", "start", "-j", str(jobs)], check=True)
-    wanted = {f"{name}-s{seed}" for name, seed in runs}
+    earlier = show(runner)
+    done = finished(earlier, runs, experiments)
+    if done:
+        log.info("reusing %d finished experiment(s) of this commit: %s", len(done), ", ".join(sorted(done)))
+    todo = [(name, seed) for name, seed in runs if f"{name}-s{seed}" not in done]
+    if todo:
+        remove_earlier([f"{name}-s{seed}" for name, seed in todo], earlier, runner)
+        runner(["dvc", "queue", "remove", "--success", "--failed"], check=True)  # earlier tasks (not their data)
+        for name, seed in todo:
+            log.info("queueing %s-s%s", name, seed)
+            runner(experiment_command(name, seed, experiments), check=True)
+        runner(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+        wait(todo, len(done), len(runs), jobs, runner, poll_seconds, sleep)
+    results = collect(show(runner), runs, experiments)
+    return [{**r, "reused": f"{r['experiment']}-s{r['seed']}" in done} for r in results]
+
+
+def wait(todo: list[tuple[str, int]], done: int, total: int, jobs: int, runner: Callable, poll_seconds: float,
+         sleep: Callable[[float], None]) -> None:
+    """Poll `dvc queue status` until every run of `todo` has finished; fail naming the runs that failed."""
+    wanted = {f"{name}-s{seed}" for name, seed in todo}
     with Progress(console=Console(stderr=True)) as progress:
-        task = progress.add_task(f"{len(runs)} experiments, {jobs} at a time", total=len(runs))
+        task = progress.add_task(f"{total} experiments, {jobs} at a time", total=total, completed=done)
         while True:
             status = queue_status(runner)
-            done = [run for run in wanted if status.get(run) in ("Success", "Failed")]
-            progress.update(task, completed=len(done))
-            if len(done) == len(wanted):
+            ended = [run for run in wanted if status.get(run) in ("Success", "Failed")]
+            progress.update(task, completed=done + len(ended))
+            if len(ended) == len(wanted):
                 break
             sleep(poll_seconds)
     failed = sorted(run for run in wanted if status.get(run) != "Success")
     if failed:
         raise SemidError(f"experiment(s) {failed} failed; see `dvc queue logs NAME`")
-    shown = runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout
-    return collect(json.loads(shown), runs, experiments)
 
 
 def _lookup(d: object, path: Sequence[str]) -> object:
