@@ -134,3 +134,20 @@ def test_a_replacement_shares_the_key_and_is_never_the_item_itself():
     lonely = pick_replacements(np.array([5]), np.array([1]), np.array([5, 6]), np.array([1, 2]), rng)
     assert lonely.tolist() == [-1]
     assert prefix_key(np.array([[1, 2, 3]]), 2, 256).tolist() == [1 * 256 + 2]
+
+
+def test_attention_verdicts_follow_the_seeds():
+    """Table 7: SemID minus RH per seed; holds when every seed is below 0, within noise when they disagree."""
+    def run(name, seed, entropy, padding):
+        return {"experiment": name, "seed": seed, "attention": {"entropy": entropy, "padding_mass": padding}}
+    results = [run("semid_transformer", 0, 1.0, 0.2), run("rh_transformer", 0, 1.5, 0.1),
+               run("semid_transformer", 1, 1.1, 0.1), run("rh_transformer", 1, 1.4, 0.3),
+               run("semid_pma", 0, 2.0, 0.5), run("rh_pma", 0, 1.0, 0.1)]  # no seed 1: PMA is not judged
+    verdicts = {(v["module"], v["diagnostic"]): v for v in report.attention_verdicts(results)}
+    assert set(verdicts) == {("transformer", "entropy"), ("transformer", "padding_mass")}
+    assert verdicts[("transformer", "entropy")]["verdict"] == "holds"
+    assert verdicts[("transformer", "entropy")]["differences"] == pytest.approx([-0.5, -0.3])
+    assert verdicts[("transformer", "padding_mass")]["verdict"] == "within noise"
+    results = [r for r in results if r["seed"] == 0]
+    verdicts = {(v["module"], v["diagnostic"]): v["verdict"] for v in report.attention_verdicts(results)}
+    assert verdicts[("pma", "entropy")] == "contradicts" and verdicts[("transformer", "padding_mass")] == "contradicts"

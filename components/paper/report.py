@@ -131,6 +131,7 @@ FINDINGS = (
             paper=-0.43),
 )
 ATTENTION = ("entropy", "padding_mass", "first_token", "self_attention")  # Table 7, per run (summaries only)
+LESS_DIFFUSE = ("entropy", "padding_mass")  # the paper: SemID's attention has lower entropy and less padding mass
 
 
 # --- reading the runs ---
@@ -249,6 +250,26 @@ def judge(results: list[dict], frames: dict[tuple[str, int], pl.DataFrame], resa
     return judged
 
 
+def attention_verdicts(results: list[dict]) -> list[dict]:
+    """Table 7's direction, SemID's attention less diffuse than RH's, per module and diagnostic: the difference
+    on each seed. A run's diagnostic is one mean over its evaluation, so there is no interval: holds when every
+    seed's difference is below 0, contradicts when every one is above, within noise otherwise."""
+    seeds = sorted({r["seed"] for r in results})
+    found = []
+    for module in ("transformer", "pma"):
+        for diagnostic in LESS_DIFFUSE:
+            by_seed = {(r["experiment"], r["seed"]): (r.get("attention") or {}).get(diagnostic) for r in results}
+            pairs = [(by_seed.get((f"semid_{module}", s)), by_seed.get((f"rh_{module}", s))) for s in seeds]
+            if any(not isinstance(a, (int, float)) or not isinstance(b, (int, float)) for a, b in pairs):
+                continue
+            differences = [a - b for a, b in pairs]
+            verdict = ("holds" if all(d < 0 for d in differences) else
+                       "contradicts" if all(d > 0 for d in differences) else "within noise")
+            found.append({"module": module, "diagnostic": diagnostic, "seeds": seeds, "differences": differences,
+                          "verdict": verdict})
+    return found
+
+
 # --- writing ---
 
 def _mean(results: list[dict], name: str, *path: str) -> float | None:
@@ -316,6 +337,15 @@ def render(results: list[dict], judged: list[dict], click: dict | None, quick: b
                   "| setting | " + " | ".join(ATTENTION) + " |", "|---|" + "---:|" * len(ATTENTION)]
         lines += [f"| {n} | " + " | ".join(_fmt(_mean(results, n, "attention", a)) for a in ATTENTION) + " |"
                   for n in attention]
+        verdicts = attention_verdicts(results)
+        if verdicts:
+            lines += ["", "The paper: SemID's attention is less diffuse than RH's (lower entropy, less padding mass). "
+                      "SemID minus RH per seed; a run's diagnostic is one mean, so the verdict is the seeds' "
+                      "agreement (holds: every seed below 0), not an interval.", "",
+                      "| module | diagnostic | " + " | ".join(f"seed {s}" for s in seeds) + " | verdict |",
+                      "|---|---|" + "---:|" * len(seeds) + "---|"]
+            lines += [f"| {v['module']} | {v['diagnostic']} | " + " | ".join(f"{d:+.4f}" for d in v["differences"])
+                      + f" | **{v['verdict']}** |" for v in verdicts]
     if click is not None:
         lines += ["", "## Click loss of a swap by shared SemID prefix depth", "",
                   f"On {click['impressions']:,} evaluation impressions whose item has another item alive that day "
@@ -375,7 +405,8 @@ def write_report(results: list[dict], frames: dict, click: dict | None, quick: b
     plot_segments(results, out / "ne_by_segment.png")
     if click is not None:
         plot_click_loss(click, out / "click_loss.png")
-    write_json({"results": results, "findings": judged, "click_loss": click}, out / "results.json")
+    write_json({"results": results, "findings": judged, "attention": attention_verdicts(results),
+                "click_loss": click}, out / "results.json")
     write_text(render(results, judged, click, quick, seconds), out / "README.md")
     return judged
 
