@@ -263,6 +263,9 @@ def test_click_loss_of_swaps_by_shared_prefix_depth(world):
     assert found["impressions"] > 100 and list(found["loss"]) == [0, 1, 2, 3]
     assert all(i["low"] <= i["difference"] <= i["high"] for i in found["loss"].values())
     assert found["loss"][0]["high"] < 0  # any item alive: clicks lost
+    assert set(found["by_factor"]) == {"topic", "item effect", "age"}
+    assert all(list(by_depth) == [0, 1, 2, 3] for by_depth in found["by_factor"].values())
+    assert found["by_factor"]["topic"][0]["high"] < 0  # another topic is what loses the clicks of a random swap
     for d in range(3):  # one level more: the difference of the two losses, on the same impressions
         step = found["deeper_loses_less"][f"{d}->{d + 1}"]["difference"]
         assert step == pytest.approx(found["loss"][d + 1]["difference"] - found["loss"][d]["difference"])

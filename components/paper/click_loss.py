@@ -6,7 +6,8 @@ SemID prefix of depth d, and compare the expected clicks under the synthetic wor
 The paper's direction: the deeper the shared prefix, the smaller the loss (d = 0 is a swap for any item alive).
 Every depth is measured on the same impressions: those whose item has another item alive that day sharing its
 full SemID, so the depths differ only in how much of the code the replacement shares. CTR(S') keeps the user,
-position and user bias of the impression and takes the replacement's topic, item effect and age.
+position and user bias of the impression and takes the replacement's topic, item effect and age; `by_factor`
+swaps one of the three at a time, which says where a loss (or a gain) comes from.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from components.semid.store import SemIdStore
 from components.storage import Layout
 
 US_PER_DAY = 86_400_000_000
+FACTORS = {"topic": "leaf", "item effect": "effect", "age": "created"}  # what a swap changes, one at a time
 
 
 def alive_items(items: pl.DataFrame, day_start: int) -> pl.DataFrame:
@@ -101,18 +103,25 @@ def click_loss(layout: Layout, store: SemIdStore, K: int, start: dt.datetime, en
         return world.click_probability(p, world.AFFINITY_BY_SHARED_DEPTH[depth], item_rows["effect"].to_numpy(),
                                        events["bias"].to_numpy(), events["f_position"].to_numpy(), age)
 
-    shown = ctr(events.select("created", "leaf", "effect"))
+    original = events.select("created", "leaf", "effect")
+    shown = ctr(original)
     by_id = items.select("item_id", "created", "leaf", "effect")
-    swapped = [ctr(pl.DataFrame({"item_id": picked[d]}).join(by_id, on="item_id", how="left", maintain_order="left"))
-               for d in range(L + 1)]
+    replacements = [pl.DataFrame({"item_id": picked[d]}).join(by_id, on="item_id", how="left", maintain_order="left")
+                    for d in range(L + 1)]
+    swapped = [ctr(r) for r in replacements]
     user = events["user_id"].to_numpy()
 
     def ratio(numerator: np.ndarray) -> dict:
         return user_bootstrap(user, np.stack([numerator, shown]), lambda s: s[0] / s[1], resamples, seed=seed)
 
+    def one_factor(d: int, column: str) -> np.ndarray:  # the shown item with one attribute of the replacement
+        return ctr(original.with_columns(replacements[d][column]))
+
     return {"impressions": int(len(events)),
             "loss": {d: ratio(swapped[d] - shown) for d in range(L + 1)},
-            "deeper_loses_less": {f"{d}->{d + 1}": ratio(swapped[d + 1] - swapped[d]) for d in range(L)}}
+            "deeper_loses_less": {f"{d}->{d + 1}": ratio(swapped[d + 1] - swapped[d]) for d in range(L)},
+            "by_factor": {factor: {d: ratio(one_factor(d, column) - shown) for d in range(L + 1)}
+                          for factor, column in FACTORS.items()}}
 
 
 def world_params(layout: Layout) -> WorldParams:

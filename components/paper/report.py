@@ -358,6 +358,13 @@ def render(results: list[dict], judged: list[dict], click: dict | None, quick: b
         for step, i in click["deeper_loses_less"].items():
             lines.append(f"| {step} | {_interval(i)} | "
                          f"**{'holds' if i['low'] > 0 else 'contradicts' if i['high'] < 0 else 'within noise'}** |")
+        if click.get("by_factor"):
+            factors = list(click["by_factor"])
+            lines += ["", "Where the change comes from: the same swaps with one attribute of the replacement at a "
+                      "time, the rest of the shown item kept (click loss [95% interval]).", "",
+                      "| shared depth | " + " | ".join(factors) + " |", "|---|" + "---|" * len(factors)]
+            lines += [f"| {d} | " + " | ".join(_interval(click["by_factor"][f][d]) for f in factors) + " |"
+                      for d in click["loss"]]
     lines += ["", "## Settings", "", "Each is `dvc exp run --queue` with these overrides and `-S ranker.seed=S`:",
               ""]
     lines += [f"- {n}: " + (" ".join(f"`-S {k}={v}`" for k, v in SETTINGS[n].items()) or "params.yaml as it is")
