@@ -282,12 +282,20 @@ def paper_report(
     jobs: Annotated[int, typer.Option("--jobs", min=1, help="Experiments run at a time (dvc queue start -j).")] = 2,
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="A ranker seed; repeat it for several "
                                                                    "(default 0 1 2, --quick: 0).")] = None,
+    movielens: Annotated[Path | None, typer.Option(
+        "--movielens", exists=True, file_okay=False, help="A MovieLens release's directory: measure the new-item "
+        "findings on it instead (reports/paper/movielens/).")] = None,
 ) -> None:
     """Measure PAPER.md's findings on the default world with intervals and verdicts: `dvc repro`, then every
     setting and seed through `dvc exp run --queue`; writes reports/paper/README.md and its plots."""
+    from components.paper import movielens as on_movielens
     from components.paper.report import run
 
-    run(quick, jobs, seeds or ([0] if quick else [0, 1, 2]))
+    seeds = seeds or ([0] if quick else [0, 1, 2])
+    if movielens is not None:
+        on_movielens.run(movielens, jobs, seeds)
+    else:
+        run(quick, jobs, seeds)
 
 
 @app.command("serving")

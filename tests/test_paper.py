@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 
 from components.errors import DataError
-from components.paper import report
+from components.paper import movielens, report
 from components.paper.click_loss import pick_replacements, prefix_key
 
 N = 3000
@@ -151,3 +151,26 @@ def test_attention_verdicts_follow_the_seeds():
     results = [r for r in results if r["seed"] == 0]
     verdicts = {(v["module"], v["diagnostic"]): v["verdict"] for v in report.attention_verdicts(results)}
     assert verdicts[("pma", "entropy")] == "contradicts" and verdicts[("transformer", "padding_mass")] == "contradicts"
+
+
+def test_movielens_settings_import_the_release_and_leave_the_default_world_alone(tmp_path):
+    experiments = movielens.settings(tmp_path)
+    assert list(experiments) == ["ml_semid", "ml_rh", "ml_ie", "ml_hybrid"]
+    for name, overrides in experiments.items():
+        assert overrides["data.source"] == "movielens" and overrides["data.movielens_dir"] == str(tmp_path)
+        assert overrides["ranker.eval_share"] == "0.1" and overrides["ranker.train_days"] == "null"
+        assert overrides.get("ranker.item_ids", "semid") == name.removeprefix("ml_")
+
+
+def test_movielens_findings_on_fabricated_runs(tmp_path):
+    """A model better than the base rate holds against it; SemID below RH and IE on new items holds."""
+    frames = movielens.with_base_rate(runs({"ml_semid": 0.3, "ml_rh": 0.1, "ml_ie": 0.12, "ml_hybrid": 0.0}))
+    assert frames[(movielens.BASE_RATE, 0)]["p"].n_unique() == 1
+    results = [{"experiment": name, "seed": 0, "ne": {s: 0.9 for s in report.SEGMENTS},
+                "events": {"all": N, "new": 900}} for name in ("ml_semid", "ml_rh", "ml_ie", "ml_hybrid")]
+    judged = {j["claim"]: j for j in report.judge(results, frames, resamples=200, findings=movielens.FINDINGS)}
+    assert judged["semid beats the base rate on all items"]["verdict"] == "holds"
+    assert judged["hybrid beats the base rate on all items"]["verdict"] != "holds"  # quality 0: p is noise
+    assert judged["SemID beats IE on new items"]["verdict"] == "holds"
+    text = movielens.render(tmp_path, results, list(judged.values()), 120)
+    assert f"--movielens {tmp_path}" in text and "3,000 impressions, 900 on new items" in text

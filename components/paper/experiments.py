@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
+import yaml
 from rich.console import Console
 from rich.progress import Progress
 
@@ -62,7 +63,7 @@ def collect(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dic
         params = _lookup(data, ("params", "params.yaml", "data")) or {}
         for key, value in {**experiments[name], "ranker.seed": str(seed)}.items():
             found = _lookup(params, key.split("."))
-            if str(found) != value:
+            if str(found) != value and found != yaml.safe_load(value):  # -S k=null gives None
                 raise DataError(f"experiment {run}: params.yaml has {key} = {found!r}, expected {value!r}")
         metrics = _lookup(data, ("metrics", "metrics/ranker.json", "data"))
         if not isinstance(metrics, dict):

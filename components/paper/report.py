@@ -234,12 +234,13 @@ def explanation(finding: Finding, intervals: list[dict], effect: float | None) -
             f"from the paper's, not the test")
 
 
-def judge(results: list[dict], frames: dict[tuple[str, int], pl.DataFrame], resamples: int = 1000) -> list[dict]:
+def judge(results: list[dict], frames: dict[tuple[str, int], pl.DataFrame], resamples: int = 1000,
+          findings: Sequence[Finding] = FINDINGS) -> list[dict]:
     """Each finding whose settings all ran: its per-seed intervals, verdict, the paper's effect on our scale
     and, for a verdict other than holds, what the measurement says about it."""
     seeds = sorted({r["seed"] for r in results})
     judged = []
-    for finding in FINDINGS:
+    for finding in findings:
         if not all((name, s) in frames for name in finding.settings for s in seeds):
             continue
         intervals = [measure(finding, [frames[(name, s)] for name in finding.settings], s, resamples) for s in seeds]
