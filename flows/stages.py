@@ -3,11 +3,14 @@ date and every output stays versioned, and Prefect adds retries, timeouts, logs 
 
 Retries are for faults that pass: another DVC process holding the workspace lock (DVC has no wait option, so the
 task waits its turn with backoff, then gives up with WorkspaceBusy naming the lock) or the process being killed.
-A stage that fails on its own (a validation gate, bad params) fails at once: retrying would fail again.
+A stage that fails on its own (a validation gate, bad params) fails at once: retrying would fail again. DVC writes
+its lock table (.dvc/tmp/rwlock) in place, so a process killed during that write leaves it unreadable and every
+later `dvc repro` refuses to start: `recover_rwlock` clears such a table before each stage.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from prefect.events import emit_event
 
 from components.monitoring.page import markdown as drift_markdown
 
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 DRIFT_SUMMARY, DRIFT_PAGE = "reports/drift/summary.json", "reports/drift/summary.html"
 LOCK_MESSAGE = "Unable to acquire lock"  # what dvc prints when another dvc process holds the workspace
@@ -75,8 +79,32 @@ def stage_env(extra: dict[str, str] | None) -> dict[str, str]:
     return {**os.environ, "PATH": path, **(extra or {})}
 
 
+def recover_rwlock(repo: Path) -> bool:
+    """Remove DVC's lock table if a killed writer left it unreadable; whether it did. DVC edits the table only
+    while holding its guard (.dvc/tmp/rwlock.lock, an OS lock the kernel frees when its holder dies), so under
+    that guard an unreadable table cannot be a write in progress; an empty table is what DVC starts from."""
+    from dvc.lock import make_lock
+    from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK
+
+    tmp = repo / ".dvc" / "tmp"
+    if not (tmp / RWLOCK_FILE).exists():
+        return False
+    with make_lock(str(tmp / RWLOCK_LOCK), tmp_dir=str(tmp)):
+        try:
+            json.loads((tmp / RWLOCK_FILE).read_text(encoding="utf-8"))
+            return False
+        except FileNotFoundError:
+            return False
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            (tmp / RWLOCK_FILE).unlink()
+            return True
+
+
 def repro(stage: str, repo: Path, force: bool = False, env: dict[str, str] | None = None) -> str:
-    """Run one stage through DVC; its output, or the matching error."""
+    """Run one stage through DVC (after clearing a lock table a killed run left unreadable); its output, or the
+    matching error."""
+    if recover_rwlock(repo):
+        log.warning("cleared %s/.dvc/tmp/rwlock: a killed DVC process left it unreadable", repo)
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage, *(["--force"] if force else [])]
     try:
         proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=stage_env(env),

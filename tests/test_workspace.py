@@ -10,7 +10,7 @@ import pytest
 from prefect import flow
 
 from flows import workspace
-from flows.stages import WorkspaceBusy
+from flows.stages import WorkspaceBusy, recover_rwlock
 
 HOLD = """
 import sys, time
@@ -72,3 +72,15 @@ def test_a_flow_inside_a_flow_holds_it_once(tmp_path):
     assert len(outer()) == 2  # with wait_s=0 a second acquisition would have raised WorkspaceBusy
     with workspace.held(tmp_path, "semid-daily", wait_s=0):  # and it is free afterwards
         pass
+
+
+def test_a_lock_table_a_killed_writer_left_unreadable_is_cleared(tmp_path):
+    tmp = tmp_path / ".dvc" / "tmp"
+    tmp.mkdir(parents=True)
+    assert recover_rwlock(tmp_path) is False  # no table: nothing to do
+    (tmp / "rwlock").write_text('{"read": {}, "write": {"dvc.yaml": {"pid": 1, "cmd": "dvc repro"}}}')
+    assert recover_rwlock(tmp_path) is False and (tmp / "rwlock").exists()  # readable: DVC's own to judge
+    (tmp / "rwlock").write_text('{"read": {"data/va')  # cut mid-write
+    assert recover_rwlock(tmp_path) is True and not (tmp / "rwlock").exists()
+    (tmp / "rwlock").write_text("")  # truncated before the write
+    assert recover_rwlock(tmp_path) is True
