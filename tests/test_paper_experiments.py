@@ -163,4 +163,23 @@ def test_a_name_still_queued_or_running_is_not_done_whatever_finished_before():
              "70b11bd  rh-s0   03:47 PM   Failed\n"
              "a874d20  semid-s0   04:31 PM   Success\n\nWorker status: 2 active, 0 idle\n")
     runner = lambda cmd, check, capture_output, text: subprocess.CompletedProcess(cmd, 0, stdout=table)  # noqa: E731
-    assert queue_status(runner) == {"ie-s0": "Running", "rh-s0": "Queued", "semid-s0": "Success"}
+    assert queue_status(runner) == ({"ie-s0": "Running", "rh-s0": "Queued", "semid-s0": "Success"}, 2)
+
+
+def test_queued_runs_without_a_worker_get_workers_again():
+    """Workers that died (or obeyed an earlier `dvc queue stop`) leave tasks queued: the runner starts workers."""
+    fake = FakeDvc()
+    starts = []
+
+    def runner(cmd, check, capture_output=False, text=False):
+        if cmd[:3] == ["dvc", "queue", "start"]:
+            starts.append(cmd)
+        if cmd[:3] == ["dvc", "queue", "status"] and not starts[1:]:  # until started again: queued, no worker
+            fake.calls.append(cmd)
+            rows = [f"{i:07x}  {name}  04:48 AM  Queued" for i, (name, _) in enumerate(fake.queued)]
+            return subprocess.CompletedProcess(cmd, 0, stdout="Task Name Created Status\n" + "\n".join(rows)
+                                               + "\n\nWorker status: 0 active, 0 idle\n")
+        return fake(cmd, check, capture_output, text)
+
+    results = run_experiments(EXPERIMENTS, ["rh"], [0], jobs=3, runner=runner, sleep=lambda s: None)
+    assert starts == [["dvc", "queue", "start", "-j", "3"]] * 2 and [r["experiment"] for r in results] == ["rh"]

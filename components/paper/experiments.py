@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -35,9 +36,10 @@ def experiment_command(name: str, seed: int, experiments: dict[str, dict[str, st
     return cmd + ["--name", f"{name}-s{seed}"]
 
 
-def queue_status(runner: Callable) -> dict[str, str]:
-    """Experiment name -> Queued | Running | Success | Failed, from `dvc queue status` (it has no JSON). A name
-    with a task still queued or running is not done, whatever tasks of it finished before."""
+def queue_status(runner: Callable) -> tuple[dict[str, str], int | None]:
+    """Experiment name -> Queued | Running | Success | Failed, from `dvc queue status` (it has no JSON), and the
+    number of active workers (None when DVC does not say). A name with a task still queued or running is not done,
+    whatever tasks of it finished before."""
     out = runner(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
     status: dict[str, str] = {}
     for row in out.splitlines()[1:]:  # Task  Name  Created  Status
@@ -45,7 +47,8 @@ def queue_status(runner: Callable) -> dict[str, str]:
         if len(fields) >= 4 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
             if status.get(fields[1]) not in ("Queued", "Running"):
                 status[fields[1]] = fields[-1]
-    return status
+    workers = re.search(r"Worker status: (\d+) active", out)
+    return status, int(workers[1]) if workers else None
 
 
 def collect(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dict[str, str]]) -> list[dict]:
@@ -135,11 +138,15 @@ def wait(todo: list[tuple[str, int]], done: int, total: int, jobs: int, runner: 
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task(f"{total} experiments, {jobs} at a time", total=total, completed=done)
         while True:
-            status = queue_status(runner)
+            status, active = queue_status(runner)
             ended = [run for run in wanted if status.get(run) in ("Success", "Failed")]
             progress.update(task, completed=done + len(ended))
             if len(ended) == len(wanted):
                 break
+            if active == 0 and any(status.get(run) == "Queued" for run in wanted):
+                # workers that died, or obeyed an earlier `dvc queue stop`, leave tasks queued for ever
+                log.warning("no queue worker is running and experiments are queued: starting %d again", jobs)
+                runner(["dvc", "queue", "start", "-j", str(jobs)], check=True)
             sleep(poll_seconds)
     failed = sorted(run for run in wanted if status.get(run) != "Success")
     if failed:
