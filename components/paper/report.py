@@ -295,6 +295,23 @@ def _interval(i: dict) -> str:
     return f"{i['difference']:+.4f} [{i['low']:+.4f}, {i['high']:+.4f}]"
 
 
+def verdict_lines(judged: list[dict], seeds: list[int]) -> list[str]:
+    """The verdicts table (the paper's size, each seed's interval, the verdict) and the measured explanation of
+    every verdict other than holds."""
+    lines = ["| table | the paper's direction | the paper's size here | "
+             + " | ".join(f"seed {s}: difference [95% interval]" for s in seeds) + " | verdict |",
+             "|---|---|---:|" + "---|" * len(seeds) + "---|"]
+    for j in judged:
+        effect = "n/a" if j["paper_effect"] is None else f"{j['paper_effect']:+.4f}"
+        lines.append(f"| {j['table']} | {j['claim']} ({j['metric']}) | {effect} | "
+                     + " | ".join(_interval(i) for i in j["intervals"]) + f" | **{j['verdict']}** |")
+    unresolved = [j for j in judged if j["explanation"]]
+    if unresolved:
+        lines += ["", "Verdicts other than holds, measured:", ""]
+        lines += [f"- {j['claim']} (**{j['verdict']}**): {j['explanation']}." for j in unresolved]
+    return lines
+
+
 def render(results: list[dict], judged: list[dict], click: dict | None, quick: bool, seconds: float) -> str:
     names = [n for n in SETTINGS if any(r["experiment"] == n for r in results)]
     seeds = sorted({r["seed"] for r in results})
@@ -312,18 +329,8 @@ def render(results: list[dict], judged: list[dict], click: dict | None, quick: b
         "",
         "## Verdicts",
         "",
-        "| table | the paper's direction | the paper's size here | "
-        + " | ".join(f"seed {s}: difference [95% interval]" for s in seeds) + " | verdict |",
-        "|---|---|---:|" + "---|" * len(seeds) + "---|",
+        *verdict_lines(judged, seeds),
     ]
-    for j in judged:
-        effect = "n/a" if j["paper_effect"] is None else f"{j['paper_effect']:+.4f}"
-        lines.append(f"| {j['table']} | {j['claim']} ({j['metric']}) | {effect} | "
-                     + " | ".join(_interval(i) for i in j["intervals"]) + f" | **{j['verdict']}** |")
-    unresolved = [j for j in judged if j["explanation"]]
-    if unresolved:
-        lines += ["", "Verdicts other than holds, measured:", ""]
-        lines += [f"- {j['claim']} (**{j['verdict']}**): {j['explanation']}." for j in unresolved]
     lines += ["", "## NE by segment, drift sensitivity, A/A (mean over seeds)", "",
               "![NE by segment](ne_by_segment.png)", "",
               "| setting | " + " | ".join(f"NE {s}" for s in SEGMENTS) + " | drift sensitivity | AAR |",
