@@ -83,21 +83,24 @@ def recover_rwlock(repo: Path) -> bool:
     """Remove DVC's lock table if a killed writer left it unreadable; whether it did. DVC edits the table only
     while holding its guard (.dvc/tmp/rwlock.lock, an OS lock the kernel frees when its holder dies), so under
     that guard an unreadable table cannot be a write in progress; an empty table is what DVC starts from."""
-    from dvc.lock import make_lock
+    from dvc.lock import LockError, make_lock
     from dvc.rwlock import RWLOCK_FILE, RWLOCK_LOCK
 
     tmp = repo / ".dvc" / "tmp"
     if not (tmp / RWLOCK_FILE).exists():
         return False
-    with make_lock(str(tmp / RWLOCK_LOCK), tmp_dir=str(tmp)):
-        try:
-            json.loads((tmp / RWLOCK_FILE).read_text(encoding="utf-8"))
-            return False
-        except FileNotFoundError:
-            return False
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            (tmp / RWLOCK_FILE).unlink()
-            return True
+    try:
+        with make_lock(str(tmp / RWLOCK_LOCK), tmp_dir=str(tmp)):
+            try:
+                json.loads((tmp / RWLOCK_FILE).read_text(encoding="utf-8"))
+                return False
+            except FileNotFoundError:
+                return False
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                (tmp / RWLOCK_FILE).unlink()
+                return True
+    except LockError:  # a live DVC process is editing the table: it is not a dead writer's
+        return False
 
 
 def repro(stage: str, repo: Path, force: bool = False, env: dict[str, str] | None = None) -> str:

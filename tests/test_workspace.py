@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from dvc.lock import make_lock
 from prefect import flow
 
 from flows import workspace
@@ -84,3 +85,6 @@ def test_a_lock_table_a_killed_writer_left_unreadable_is_cleared(tmp_path):
     assert recover_rwlock(tmp_path) is True and not (tmp / "rwlock").exists()
     (tmp / "rwlock").write_text("")  # truncated before the write
     assert recover_rwlock(tmp_path) is True
+    (tmp / "rwlock").write_text('{"read"')
+    with make_lock(str(tmp / "rwlock.lock"), tmp_dir=str(tmp)):  # a live DVC writing it now: left alone
+        assert recover_rwlock(tmp_path) is False and (tmp / "rwlock").exists()
