@@ -167,19 +167,21 @@ def test_a_name_still_queued_or_running_is_not_done_whatever_finished_before():
 
 
 def test_queued_runs_without_a_worker_get_workers_again():
-    """Workers that died (or obeyed an earlier `dvc queue stop`) leave tasks queued: the runner starts workers."""
+    """Workers that died (or obeyed an earlier `dvc queue stop`) leave tasks queued: on the second poll in a row
+    that finds no worker (the first may be the workers' start-up), the runner starts workers again."""
     fake = FakeDvc()
-    starts = []
+    starts, polls = [], []
 
     def runner(cmd, check, capture_output=False, text=False):
         if cmd[:3] == ["dvc", "queue", "start"]:
-            starts.append(cmd)
-        if cmd[:3] == ["dvc", "queue", "status"] and not starts[1:]:  # until started again: queued, no worker
-            fake.calls.append(cmd)
+            starts.append((cmd, len(polls)))
+        if cmd[:3] == ["dvc", "queue", "status"] and len(starts) < 2:  # until started again: queued, no worker
+            polls.append(cmd)
             rows = [f"{i:07x}  {name}  04:48 AM  Queued" for i, (name, _) in enumerate(fake.queued)]
             return subprocess.CompletedProcess(cmd, 0, stdout="Task Name Created Status\n" + "\n".join(rows)
                                                + "\n\nWorker status: 0 active, 0 idle\n")
         return fake(cmd, check, capture_output, text)
 
     results = run_experiments(EXPERIMENTS, ["rh"], [0], jobs=3, runner=runner, sleep=lambda s: None)
-    assert starts == [["dvc", "queue", "start", "-j", "3"]] * 2 and [r["experiment"] for r in results] == ["rh"]
+    start = ["dvc", "queue", "start", "-j", "3"]
+    assert starts == [(start, 0), (start, 2)] and [r["experiment"] for r in results] == ["rh"]

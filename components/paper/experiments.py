@@ -38,8 +38,8 @@ def experiment_command(name: str, seed: int, experiments: dict[str, dict[str, st
 
 def queue_status(runner: Callable) -> tuple[dict[str, str], int | None]:
     """Experiment name -> Queued | Running | Success | Failed, from `dvc queue status` (it has no JSON), and the
-    number of active workers (None when DVC does not say). A name with a task still queued or running is not done,
-    whatever tasks of it finished before."""
+    number of workers, active or idle (None when DVC does not say). A name with a task still queued or running is
+    not done, whatever tasks of it finished before."""
     out = runner(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
     status: dict[str, str] = {}
     for row in out.splitlines()[1:]:  # Task  Name  Created  Status
@@ -47,8 +47,8 @@ def queue_status(runner: Callable) -> tuple[dict[str, str], int | None]:
         if len(fields) >= 4 and fields[-1] in ("Queued", "Running", "Success", "Failed"):
             if status.get(fields[1]) not in ("Queued", "Running"):
                 status[fields[1]] = fields[-1]
-    workers = re.search(r"Worker status: (\d+) active", out)
-    return status, int(workers[1]) if workers else None
+    workers = re.search(r"Worker status: (\d+) active(?:, (\d+) idle)?", out)
+    return status, int(workers[1]) + int(workers[2] or 0) if workers else None
 
 
 def collect(shown: list, runs: list[tuple[str, int]], experiments: dict[str, dict[str, str]]) -> list[dict]:
@@ -137,16 +137,18 @@ def wait(todo: list[tuple[str, int]], done: int, total: int, jobs: int, runner: 
     wanted = {f"{name}-s{seed}" for name, seed in todo}
     with Progress(console=Console(stderr=True)) as progress:
         task = progress.add_task(f"{total} experiments, {jobs} at a time", total=total, completed=done)
+        idle_polls = 0  # polls in a row that found runs queued and no worker at all
         while True:
-            status, active = queue_status(runner)
+            status, workers = queue_status(runner)
             ended = [run for run in wanted if status.get(run) in ("Success", "Failed")]
             progress.update(task, completed=done + len(ended))
             if len(ended) == len(wanted):
                 break
-            if active == 0 and any(status.get(run) == "Queued" for run in wanted):
-                # workers that died, or obeyed an earlier `dvc queue stop`, leave tasks queued for ever
+            idle_polls = idle_polls + 1 if workers == 0 and any(status.get(r) == "Queued" for r in wanted) else 0
+            if idle_polls == 2:  # not a start-up moment: workers died, or obeyed an earlier `dvc queue stop`
                 log.warning("no queue worker is running and experiments are queued: starting %d again", jobs)
                 runner(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+                idle_polls = 0
             sleep(poll_seconds)
     failed = sorted(run for run in wanted if status.get(run) != "Success")
     if failed:
