@@ -122,9 +122,10 @@ def validate(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -> No
 @stage
 def embed(params: ParamsFile = Path("params.yaml")) -> None:
     """Embed validated items with the CU model (embed.encoder); a re-run encodes only new or edited texts."""
+    from components.params import load_params
     from components.semid.embedding import run_embed
 
-    run_embed(*inputs(params, "embed"))
+    run_embed(*inputs(params, "embed"), load_params(params).engine)
 
 
 Force = Annotated[bool, typer.Option("--force", envvar="SEMID_FORCE_REFRESH",
@@ -157,8 +158,10 @@ def backfill(
     (and, until the switch to it, into the serving codebook's store too)."""
     from components.semid.backfill import run_backfill
 
+    from components.params import load_params
+
     p, layout = inputs(params, "backfill")
-    run_backfill(p, layout)
+    run_backfill(p, layout, load_params(params).engine)
     if publish:
         from components.semid.publish import publish_current
         publish_current(layout, publish, endpoint_url or p.s3_endpoint_url)

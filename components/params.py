@@ -194,6 +194,15 @@ class DriftParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class EngineParams:
+    """Where the parallel stages run their shard tasks (components/engine.py)."""
+    kind: str = "local"  # "local" (this process, one-file tables) | "ray" (Ray actors, sharded tables)
+    address: str | None = None  # Ray: None starts a local Ray on demand; "auto" or ray://host:10001 joins a cluster
+    workers: int | None = None  # Ray actors per stage; None: one per CPU of the cluster
+    shard_rows: int = 1_000_000  # Ray: rows per shard task, and so per part of a sharded table
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopParams:
     """The loop's clock: every dated stage runs as of this day (exclusive end of what it reads)."""
     as_of: dt.date | None = None  # None: the day after the last events day; `semid <stage> --as-of` overrides
@@ -204,6 +213,7 @@ class Params:
     storage: StorageParams = StorageParams()
     data: DataParams = DataParams()
     loop: LoopParams = LoopParams()
+    engine: EngineParams = EngineParams()
     world: WorldParams = WorldParams()
     validation: ValidationParams = ValidationParams()
     embed: EmbedParams = EmbedParams()

@@ -179,7 +179,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = _temp_sibling(path, path.suffix)
     try:
         yield tmp
-        os.replace(tmp, path)
+        if path.is_dir():  # a sharded table (components/shards.py) becomes one file
+            _replace_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -254,12 +257,25 @@ def staged_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(f".{path.name}.{os.getpid()}-old.tmp")  # put back by sweep_temporaries if killed here
-    shutil.rmtree(old, ignore_errors=True)
+    _replace_dir(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Rename `new` onto `path` when either of them is a directory: the old one is moved aside first (and put
+    back by sweep_temporaries if the process is killed between the two renames)."""
+    old = path.with_name(f".{path.name}.{os.getpid()}-old.tmp")
+    _remove(old)
     if path.exists():
         os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    os.replace(new, path)
+    _remove(old)
 
 
 TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-(?P<tag>[^.]+)\.tmp.*")  # _temp_sibling's, staged_dir's

@@ -9,12 +9,13 @@ import polars as pl
 import pytest
 import torch
 
-from components import storage
+from components import shards, storage
 from components.errors import CodebookVersionMismatch, DataError
 from components.params import BackfillParams, RQVAEParams
 from components.semid import publish as pub
 from components.semid import rqvae
 from components.semid.backfill import run_backfill
+from components.semid.store import read_store
 from components.storage import Layout, StorageError
 from conftest import new_bucket
 from s3_faults import FaultyProxy
@@ -62,6 +63,27 @@ def test_publish_then_read_pointer_and_download_the_same_bytes(tmp_path, endpoin
     assert files[store].read_bytes() == layout.semids.read_bytes()
     assert files[checkpoint.name].read_bytes() == checkpoint.read_bytes()
     assert pub.download(url, version, tmp_path / "again", endpoint)  # by explicit version too
+
+
+def test_a_sharded_store_is_published_part_by_part_and_downloads_whole(tmp_path, endpoint, bucket):
+    layout = release(tmp_path / "a", seed=0)
+    _, checkpoint = rqvae.read_current(layout.rqvae)
+    store = pl.read_parquet(layout.semids)
+    layout.semids.unlink()
+    layout.semids.mkdir()  # the store as the Ray engine writes it: parts plus their manifest
+    records = []
+    for index, part in enumerate((store[:100], store[100:])):
+        file = layout.semids / shards.part_name(index)
+        part.write_parquet(file)
+        records.append(shards.part_record(file, part.to_arrow()))
+    shards.write_manifest(layout.semids, records, {}, source=layout.semids)
+    url = f"s3://{bucket}/semids"
+    pub.publish_current(layout, url, endpoint_url=endpoint)
+    files = pub.download(url, None, tmp_path / "dest", endpoint)
+    name = layout.semids.name
+    assert set(files) == {f"{name}/part-00000.parquet", f"{name}/part-00001.parquet", f"{name}/manifest.json",
+                          checkpoint.name}
+    assert read_store(tmp_path / "dest" / name).table.equals(read_store(layout.semids).table)
 
 
 def objects(endpoint: str, bucket: str) -> dict[str, bytes]:

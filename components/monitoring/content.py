@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from components import shards
 from components.errors import DataError
 
 MIN_ITEMS = 20  # fewer new (or reference) items with an embedding than this: not measured
@@ -31,7 +31,7 @@ def read_vectors(path: Path, ids: np.ndarray) -> np.ndarray:
     """The embeddings (len(ids), D) of the sorted `ids`, in that order, read a row group at a time so memory stays
     at one group whatever the item count; every id must have one."""
     found_ids, vectors = [], []
-    for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=65_536, columns=["item_id", "vector"]):
+    for batch in shards.iter_batches(path, 65_536, ["item_id", "vector"], pre_buffer=False):
         keep = np.isin(batch.column("item_id").to_numpy(), ids)
         if keep.any():
             part = pl.from_arrow(batch.filter(pa.array(keep)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from components import serving
+from components import serving, shards
 from components.monitoring.page import png
 from components.storage import Layout, write_text
 
@@ -36,7 +36,7 @@ def day_row(layout: Layout, as_of: str, seconds: float, seconds_by_task: dict[st
     return {
         "as_of": as_of,
         "codebook_version": live.codebook_version,
-        "store_version": pl.read_parquet(layout.root / live.store, columns=["codebook_version"])
+        "store_version": pl.read_parquet(shards.files(layout.root / live.store), columns=["codebook_version"])
         ["codebook_version"].unique().item() if live.store else None,
         "champion": live.champion,
         "refreshed": int(rqvae["refreshed"] and rqvae["replaced"] is not None),  # the first codebook is none

@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from components import shards
 from components.data.contracts import ITEM_AGE
 from components.errors import DataError
 from components.ranker import metrics
@@ -69,7 +70,7 @@ def time_slice(examples: Examples, window: Window) -> Examples:
 def copy_partners(layout: Layout) -> pl.DataFrame:
     """item_id -> partner: every later item with the same content hash as an earlier one (an exact copy under
     a new raw ID) is paired with the first item of that text, and the first with its first copy."""
-    hashes = pl.read_parquet(layout.embeddings, columns=["item_id", "content_hash"]).sort("item_id")
+    hashes = pl.read_parquet(shards.files(layout.embeddings), columns=["item_id", "content_hash"]).sort("item_id")
     groups = hashes.group_by("content_hash").agg(pl.col("item_id")).filter(pl.col("item_id").list.len() > 1)
     first, second = groups["item_id"].list.first(), groups["item_id"].list.get(1)
     copies = groups.explode("item_id").join(pl.DataFrame({"content_hash": groups["content_hash"],

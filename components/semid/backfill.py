@@ -9,6 +9,9 @@ backfill      streams data/embeddings/items.parquet in batches (memory bounded w
               the stores of earlier versions stay for serving and rollback. Any bad input raises DataError and
               leaves the stores and metrics/backfill.json as they were. What a run encoded is logged and returned,
               not written: it depends on the store the run found, the files on the inputs only.
+engines       local (engine.kind): one process, one file. ray: `AssignShard` tasks on Ray actors (each loads
+              the checkpoint once), one row-group shard of the embeddings in, one part of a sharded store out
+              (components/shards.py); same `merge_batch`, so the same SemIDs.
 """
 from __future__ import annotations
 
@@ -26,12 +29,12 @@ import pyarrow.parquet as pq
 import torch
 from rich.progress import Progress
 
-from components import provenance, serving
+from components import engine, provenance, serving, shards
 from components.errors import DataError
-from components.params import BackfillParams
+from components.params import BackfillParams, EngineParams
 from components.semid import rqvae
 from components.semid.store import code_columns, code_dtype, store_schema
-from components.storage import Layout, write_metrics, write_parquet
+from components.storage import Layout, staged_dir, write_metrics, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ def check_embeddings_schema(path: Path, dim: int, version: str) -> None:
     if not path.exists():
         raise DataError(f"{path}: embeddings not found (run `semid embed` first)")
     try:
-        schema = pq.read_schema(path)
+        schema = shards.schema(path)
     except (OSError, pa.ArrowException) as exc:
         raise DataError(f"{path}: unreadable embeddings file ({exc})") from exc
     names = schema.names
@@ -143,23 +146,28 @@ def vectors_of(column: pa.FixedSizeListArray) -> tuple[np.ndarray, np.ndarray]:
     return x, bad
 
 
+def sorted_ids(path: Path, column: pa.Array | pa.ChunkedArray, last: int | None = None) -> np.ndarray:
+    """item_id of a batch as int64, checked to be non-null, unique and sorted, and after `last` (the previous
+    batch's): the embeddings contract, which the store's order follows from."""
+    if column.null_count:
+        raise DataError(f"{path}: column item_id has {column.null_count} null(s) in a batch, expected none")
+    ids = column.to_numpy().astype(np.int64, copy=False)
+    step = np.flatnonzero(np.diff(ids) <= 0)
+    if len(ids) and ((last is not None and ids[0] <= last) or len(step)):
+        before, after = (last, ids[0]) if last is not None and ids[0] <= last else ids[step[0]:step[0] + 2]
+        raise DataError(f"{path}: column item_id is not sorted and unique (item_id {int(after)} follows "
+                        f"{int(before)}), expected the output of `semid embed`")
+    return ids
+
+
 def embedding_batches(path: Path, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(item_ids, vectors (n, D), bad-row mask) per batch of at most batch_size rows, checking that item_id
-    is non-null, unique and sorted (the embeddings contract; the store's order follows from it)."""
+    """(item_ids, vectors (n, D), bad-row mask) per batch of at most batch_size rows, item_id checked by
+    `sorted_ids`; the embeddings may be one file or a sharded table."""
     last = None
-    file = pq.ParquetFile(path, **READ_OPTIONS)
-    for batch in file.iter_batches(batch_size=batch_size, columns=["item_id", "vector"]):
-        column = batch.column("item_id")
-        if column.null_count:
-            raise DataError(f"{path}: column item_id has {column.null_count} null(s) in a batch, expected none")
-        ids = column.to_numpy().astype(np.int64, copy=False)
+    for batch in shards.iter_batches(path, batch_size, ["item_id", "vector"], **READ_OPTIONS):
+        ids = sorted_ids(path, batch.column("item_id"), last)
         if len(ids) == 0:
             continue
-        step = np.flatnonzero(np.diff(ids) <= 0)
-        if (last is not None and ids[0] <= last) or len(step):
-            before, after = (last, ids[0]) if last is not None and ids[0] <= last else ids[step[0]:step[0] + 2]
-            raise DataError(f"{path}: column item_id is not sorted and unique (item_id {int(after)} follows "
-                            f"{int(before)}), expected the output of `semid embed`")
         last = ids[-1]
         yield (ids, *vectors_of(batch.column("vector")))
 
@@ -173,14 +181,15 @@ def store_version(path: Path, levels: int) -> str | None:
     if not path.exists():
         return None
     try:
-        meta = pq.ParquetFile(path).metadata
-    except (OSError, pa.ArrowException) as exc:
+        metas = [pq.ParquetFile(f).metadata for f in shards.files(path)]
+    except (OSError, pa.ArrowException, DataError) as exc:
         log.warning("semids: ignoring the unreadable previous store %s (%s)", path, exc)
         return None
-    if meta.schema.names != ["item_id", "codebook_version", *code_columns(levels)]:
-        log.warning("semids: ignoring the previous store %s: columns %s", path, meta.schema.names)
+    names = {tuple(m.schema.names) for m in metas}
+    if names != {("item_id", "codebook_version", *code_columns(levels))}:
+        log.warning("semids: ignoring the previous store %s: columns %s", path, sorted(names))
         return None
-    stats = [meta.row_group(i).column(1).statistics for i in range(meta.num_row_groups)]
+    stats = [m.row_group(i).column(1).statistics for m in metas for i in range(m.num_row_groups)]
     versions = {v for s in stats if s is not None and s.has_min_max for v in (s.min, s.max)}
     if len(versions) != 1 or not all(s is not None and s.has_min_max for s in stats):
         log.warning("semids: ignoring the previous store %s: codebook versions %s", path, sorted(versions))
@@ -193,9 +202,8 @@ class StoreCursor:
     item_id <= hi not handed out before, so the merge reads each stored row once."""
 
     def __init__(self, path: Path, columns: list[str], batch_size: int):
-        file = pq.ParquetFile(path, **READ_OPTIONS)
-        self.batches = file.iter_batches(batch_size=batch_size, columns=columns)
-        self.buffer = pl.from_arrow(file.schema_arrow.empty_table().select(columns))
+        self.batches = shards.iter_batches(path, batch_size, columns, **READ_OPTIONS)
+        self.buffer = pl.from_arrow(shards.schema(path).empty_table().select(columns))
 
     def upto(self, hi: int) -> pl.DataFrame:
         while len(self.buffer) == 0 or self.buffer["item_id"][-1] <= hi:
@@ -227,7 +235,7 @@ def merge_batch(ids: np.ndarray, x: np.ndarray, known: pl.DataFrame | None, mode
 
 def semid_counts(path: Path, levels: int) -> dict:
     """collision_rate = (items - distinct SemIDs) / items, and the most items sharing one SemID."""
-    counts = (pl.scan_parquet(path).group_by(code_columns(levels)).len()
+    counts = (pl.scan_parquet(shards.files(path)).group_by(code_columns(levels)).len()
               .select(pl.len().alias("semids"), pl.col("len").sum().alias("items"), pl.col("len").max())
               .collect())
     items, semids = counts["items"][0] or 0, counts["semids"][0]
@@ -235,23 +243,12 @@ def semid_counts(path: Path, levels: int) -> dict:
             "max_items_per_semid": counts["len"][0] or 0}
 
 
-def backfill_version(params: BackfillParams, layout: Layout, version: str) -> dict:
-    """Bring data/semids/<version>.parquet up to date with the embeddings; return its figures."""
-    checkpoint = layout.rqvae / f"{version}.pt"
-    model, _ = rqvae.load_checkpoint(checkpoint)  # verifies the content hash, which names the file
-    levels, K, dim = (model.config[k] for k in ("levels", "codebook_size", "input_dim"))
-    source, target = layout.embeddings, layout.store(version)
-    check_embeddings_schema(source, dim, version)
-    total = pq.ParquetFile(source).metadata.num_rows
-    if total == 0:
-        raise DataError(f"{source}: no embeddings, expected at least one item")
-    full = store_version(target, levels) != version
-    if full:
-        log.info("semids: no usable store of codebook_version %s yet: full backfill into %s", version, target)
-    stored = 0 if full else pq.ParquetFile(target).metadata.num_rows
-    prov = {"code_version": provenance.code_version(),
-            "data_version": provenance.data_version([source, checkpoint])}
-    schema = store_schema(levels, K)
+def write_store(params: BackfillParams, source: Path, target: Path, model: rqvae.SemanticIdModel, version: str,
+                full: bool, metadata: dict[str, str]) -> int:
+    """The local engine: stream the embeddings through `merge_batch` into one file, merging the previous store
+    of this version (unless `full`) alongside. Returns the items encoded."""
+    levels, total = model.config["levels"], shards.num_rows(source)
+    schema = store_schema(levels, model.config["codebook_size"])
     cursor = None if full else StoreCursor(target, ["item_id", *code_columns(levels)], params.batch_size)
     encoded = 0
 
@@ -273,10 +270,85 @@ def backfill_version(params: BackfillParams, layout: Layout, version: str) -> di
                 encoded += n
                 yield batch.to_arrow().cast(schema)
         if bad_rows:
-            raise DataError(f"{source}: column vector holds NaN, inf or null in {bad_rows} of {total} row(s), "
-                            f"expected finite floats (e.g. item_id {bad_ids}); nothing written")
+            raise bad_vectors(source, bad_rows, total, bad_ids)
 
-    write_parquet(rows(), target, metadata={PROVENANCE_KEY: json.dumps(prov)}, schema=schema)
+    write_parquet(rows(), target, metadata=metadata, schema=schema)
+    return encoded
+
+
+def bad_vectors(source: Path, rows: int, total: int, ids: list[int]) -> DataError:
+    return DataError(f"{source}: column vector holds NaN, inf or null in {rows} of {total} row(s), expected "
+                     f"finite floats (e.g. item_id {ids[:EXAMPLES]}); nothing written")
+
+
+class AssignShard(engine.ShardTask):
+    """The Ray engine's task: one shard of the embeddings -> one part of the store, through `merge_batch`; the
+    previous store of this version (if any) is read for the shard's item_id range only."""
+
+    def __init__(self, source: str, checkpoint: str, version: str, previous: str | None, staging: str):
+        self.source, self.version, self.previous, self.staging = Path(source), version, previous, Path(staging)
+        self.model, _ = rqvae.load_checkpoint(Path(checkpoint))
+        levels = self.model.config["levels"]
+        self.codes = code_columns(levels)
+        self.schema = store_schema(levels, self.model.config["codebook_size"])
+
+    def run(self, shard: dict) -> dict:
+        table = shards.read_shard(shard, ["item_id", "vector"])
+        ids = sorted_ids(self.source, table.column("item_id"))
+        x, bad = vectors_of(table.column("vector").combine_chunks())
+        if bad.any():
+            return {"bad_rows": int(bad.sum()), "bad_ids": ids[bad][:EXAMPLES].tolist()}
+        known = None
+        if self.previous is not None:
+            known = (pl.scan_parquet(shards.files(self.previous)).select("item_id", *self.codes)
+                     .filter(pl.col("item_id").is_between(int(ids[0]), int(ids[-1]))).collect())
+        rows, encoded = merge_batch(ids, x, known, self.model, self.version)
+        part = rows.to_arrow().cast(self.schema)
+        file = self.staging / shards.part_name(shard["index"])
+        pq.write_table(part, file, compression="zstd")
+        return {"part": shards.part_record(file, part), "encoded": encoded}
+
+
+def write_sharded_store(params: EngineParams, source: Path, target: Path, checkpoint: Path, version: str,
+                        full: bool, metadata: dict[str, str]) -> int:
+    """The Ray engine: AssignShard over row-group shards of the embeddings, each writing its own part of the
+    sharded store (components/shards.py); the staged directory replaces the store whole. Returns the items
+    encoded."""
+    with staged_dir(target) as staging:
+        args = (str(source), str(checkpoint), version, None if full else str(target), str(staging))
+        records = engine.run_shards(params, AssignShard, args, shards.row_shards(source, params.shard_rows),
+                                    f"assigning SemIDs of {version}")
+        bad = [r for r in records if "bad_rows" in r]
+        if bad:
+            raise bad_vectors(source, sum(r["bad_rows"] for r in bad), shards.num_rows(source),
+                              [i for r in bad for i in r["bad_ids"]])
+        shards.write_manifest(staging, [r["part"] for r in records], metadata, source=source)
+    return sum(r["encoded"] for r in records)
+
+
+def backfill_version(params: BackfillParams, layout: Layout, version: str,
+                     engine_params: EngineParams = EngineParams()) -> dict:
+    """Bring data/semids/<version>.parquet up to date with the embeddings; return its figures."""
+    checkpoint = layout.rqvae / f"{version}.pt"
+    model, _ = rqvae.load_checkpoint(checkpoint)  # verifies the content hash, which names the file
+    levels, dim = model.config["levels"], model.config["input_dim"]
+    source, target = layout.embeddings, layout.store(version)
+    check_embeddings_schema(source, dim, version)
+    total = shards.num_rows(source)
+    if total == 0:
+        raise DataError(f"{source}: no embeddings, expected at least one item")
+    full = store_version(target, levels) != version
+    if full:
+        log.info("semids: no usable store of codebook_version %s yet: full backfill into %s", version, target)
+    stored = 0 if full else shards.num_rows(target)
+    prov = {"code_version": provenance.code_version(),
+            "data_version": provenance.data_version([source, checkpoint])}
+    metadata = {PROVENANCE_KEY: json.dumps(prov)}
+    engine.check(engine_params)
+    if engine_params.kind == "ray":
+        encoded = write_sharded_store(engine_params, source, target, checkpoint, version, full, metadata)
+    else:
+        encoded = write_store(params, source, target, model, version, full, metadata)
     return {
         "codebook_version": version,
         "items": total,
@@ -292,18 +364,18 @@ def backfill_version(params: BackfillParams, layout: Layout, version: str) -> di
 RUN_ONLY = ("encoded", "reused", "dropped", "full_backfill")
 
 
-def run_backfill(params: BackfillParams, layout: Layout) -> dict:
+def run_backfill(params: BackfillParams, layout: Layout, engine_params: EngineParams = EngineParams()) -> dict:
     """Write data/semids/<current codebook_version>.parquet and metrics/backfill.json; return the metrics plus
     "seconds". While a newer codebook waits for its switch (components/serving.py), the serving codebook's store
     gets today's new items too, so serving never lacks a SemID for an item the loop has seen."""
     started = time.perf_counter()
     version, _ = rqvae.read_current(layout.rqvae)
-    metrics = backfill_version(params, layout, version)
+    metrics = backfill_version(params, layout, version, engine_params)
     live = serving.read(layout)
     if live is not None and live.codebook_version not in (None, version):
         log.info("semids: codebook %s serves until the switch to %s: its store gets the new items too",
                  live.codebook_version, version)
-        figures = backfill_version(params, layout, live.codebook_version)
+        figures = backfill_version(params, layout, live.codebook_version, engine_params)
         metrics["serving_store"] = {k: figures[k] for k in ("codebook_version", "items")}
     # What this run encoded depends on what the store held before it (a run killed after its write leaves
     # nothing to encode): logged and returned, kept out of the files, which depend on the inputs only.

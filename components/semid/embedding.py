@@ -9,6 +9,10 @@ cache     the previous output is the cache: its parquet metadata holds the encod
           out; a new encoder_version (other weights, other precomputed file) re-embeds everything
 output    data/embeddings/items.parquet: item_id Int64, content_hash String, vector Array(Float32, D), sorted
           by item_id; metrics/embed.json (no timings, no cache counts: same inputs, same bytes)
+engines   local (engine.kind): one process, one file. ray: the sorted items in shards, `EmbedShard` tasks on
+          Ray actors (each loads the CU model once) write one part each of a sharded table (components/shards.py);
+          a shard's cache is the previous output's rows of its item_id range, so an exact copy of a text cached
+          elsewhere is encoded again (same vector within float noise)
 """
 from __future__ import annotations
 
@@ -17,17 +21,19 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
-from components import provenance
+from components import engine, provenance, shards
 from components.data import contracts
 from components.errors import DataError, ParamsError
-from components.params import EmbedParams
-from components.storage import Layout, write_metrics, write_parquet
+from components.params import EmbedParams, EngineParams
+from components.storage import Layout, staged_dir, write_metrics, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +194,28 @@ def content_hashes(texts: pl.Series) -> pl.Series:
                      dtype=pl.String)
 
 
-def read_cache(path: Path, version: str) -> pl.DataFrame | None:
-    """content_hash, vector of the previous output when it was made by `version`, else None."""
+def read_version(path: Path) -> str | None:
+    """The encoder version of the previous output (one file or sharded), None when there is none or it is
+    unreadable (the cache is an optimisation: a damaged file only costs a full re-embed)."""
     if not path.exists():
         return None
     try:
-        found = pl.read_parquet_metadata(path).get(VERSION_KEY)
-        if found != version:
+        return shards.metadata(path).get(VERSION_KEY)
+    except Exception as exc:
+        log.warning("embeddings: cannot read the previous output %s (%s: %s), re-embedding every item",
+                    path, type(exc).__name__, exc)
+        return None
+
+
+def read_cache(path: Path, version: str) -> pl.DataFrame | None:
+    """content_hash, vector of the previous output when it was made by `version`, else None."""
+    found = read_version(path)
+    if found != version:
+        if found is not None:
             log.info("embeddings: encoder version %s -> %s, re-embedding every item", found, version)
-            return None
-        return (pl.read_parquet(path, columns=["content_hash", "vector"])
+        return None
+    try:
+        return (pl.read_parquet(shards.files(path), columns=["content_hash", "vector"])
                 .unique("content_hash", keep="first", maintain_order=True))
     except Exception as exc:  # the cache is an optimisation: a damaged file only costs a full re-embed
         log.warning("embeddings: cannot read the previous output %s (%s: %s), re-embedding every item",
@@ -237,36 +255,89 @@ def read_items(layout: Layout) -> pl.DataFrame:
     return items
 
 
+class EmbedShard(engine.ShardTask):
+    """The Ray engine's task: one shard of the sorted items -> one part of the sharded embeddings, through
+    `embed_with_cache`, the previous output's vectors of the shard's item_id range as its cache."""
+
+    def __init__(self, encoder: str, batch_size: int, previous: str | None, staging: str):
+        self.encoder, self.batch_size, self.previous, self.staging = encoder, batch_size, previous, Path(staging)
+        if encoder == "minilm":
+            minilm_model()  # once per actor
+
+    def run(self, shard: dict) -> dict:
+        items = pl.from_arrow(shards.read_shard(shard, ["item_id", "text", "content_hash"]))
+        cache = None
+        if self.previous is not None:
+            cache = (pl.scan_parquet(shards.files(self.previous))
+                     .filter(pl.col("item_id").is_between(items["item_id"][0], items["item_id"][-1]))
+                     .select("content_hash", "vector").unique("content_hash", keep="first", maintain_order=True)
+                     .collect())
+        frame, embedded, encoded = embed_with_cache(items, cache, self.encoder, self.batch_size)
+        part = frame.sort("item_id").to_arrow()
+        file = self.staging / shards.part_name(shard["index"])
+        pq.write_table(part, file, compression="zstd")
+        return {"part": shards.part_record(file, part), "embedded": embedded, "encoded": encoded}
+
+
+def embed_sharded(params: EmbedParams, engine_params: EngineParams, items: pl.DataFrame, layout: Layout,
+                  version: str) -> tuple[int, int, int]:
+    """The Ray engine: the sorted items are staged as a plan file of shard_rows-row groups, `EmbedShard` tasks
+    turn each group into a part, and the parts replace data/embeddings/items.parquet as a sharded table.
+    Returns the vector dimension, the items embedded and the texts encoded."""
+    target = layout.embeddings
+    previous = str(target) if read_version(target) == version else None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.{os.getpid()}-plan", suffix=".tmp",
+                                     dir=target.parent) as plan_dir, staged_dir(target) as staging:
+        plan = Path(plan_dir) / "items.parquet"
+        pq.write_table(items.to_arrow(), plan, row_group_size=engine_params.shard_rows)
+        records = engine.run_shards(engine_params, EmbedShard,
+                                    (params.encoder, params.batch_size, previous, str(staging)),
+                                    shards.row_shards(plan, engine_params.shard_rows),
+                                    f"embedding with {params.encoder}")
+        shards.write_manifest(staging, [r["part"] for r in records], {VERSION_KEY: version},
+                              source=layout.validated.items)
+        dim = pq.read_schema(staging / records[0]["part"]["file"]).field("vector").type.list_size
+    return dim, sum(r["embedded"] for r in records), sum(r["encoded"] for r in records)
+
+
 RUN_ONLY = ("embedded", "reused", "texts_encoded")
 
 
-def run_embed(params: EmbedParams, layout: Layout) -> dict:
-    """Write data/embeddings/items.parquet and metrics/embed.json; return the metrics plus "seconds"."""
+def run_embed(params: EmbedParams, layout: Layout, engine_params: EngineParams = EngineParams()) -> dict:
+    """Write data/embeddings/items.parquet and metrics/embed.json; return the metrics plus "seconds". On the Ray
+    engine the text encoders run in shard tasks; precomputed vectors are only read, in this process."""
     started = time.perf_counter()
+    engine.check(engine_params)
     version = encoder_version(params)
     items = read_items(layout)
     items = items.with_columns(content_hashes(items["text"]))
     read = time.perf_counter()
+    sources = [layout.validated.items]
     if params.encoder == "precomputed":
         path = precomputed_file(params)
         vectors = read_precomputed(path, items["item_id"])
         frame = items.select("item_id", "content_hash").with_columns(vectors["vector"])
         embedded, encoded = len(items), 0
-        sources = [layout.validated.items, path]
-    else:
+        sources.append(path)
+    elif engine_params.kind == "local":
         cache = read_cache(layout.embeddings, version)
         frame, embedded, encoded = embed_with_cache(items, cache, params.encoder, params.batch_size)
-        sources = [layout.validated.items]
-    frame = frame.sort("item_id")
+    else:
+        frame = None
+        dim, embedded, encoded = embed_sharded(params, engine_params, items, layout, version)
     encode = time.perf_counter()
-    write_parquet(frame, layout.embeddings, metadata={VERSION_KEY: version})  # the cache key of the next run
+    if frame is not None:
+        frame = frame.sort("item_id")
+        dim = frame.schema["vector"].size
+        write_parquet(frame, layout.embeddings, metadata={VERSION_KEY: version})  # the cache key of the next run
     metrics = {
         "encoder": params.encoder,
         "encoder_version": version,
-        "dim": frame.schema["vector"].size,
-        "items": len(frame),
+        "dim": dim,
+        "items": len(items),
         "embedded": embedded,  # vectors computed (or, for precomputed, read from the file) this run
-        "reused": len(frame) - embedded,  # vectors taken from the previous output
+        "reused": len(items) - embedded,  # vectors taken from the previous output
         "texts_encoded": encoded,  # distinct texts run through the encoder
         "provenance": {"code_version": provenance.code_version(),
                        "data_version": provenance.data_version(sources)},
@@ -276,7 +347,7 @@ def run_embed(params: EmbedParams, layout: Layout) -> dict:
     write_metrics({k: v for k, v in metrics.items() if k not in RUN_ONLY}, layout.metrics / "embed.json",
                   layout.record("embed"))
     done = time.perf_counter()
-    log.info("embedded %s items with %s (%s encoded, %s reused) in %.1f s", f"{len(frame):,}", version,
-             f"{embedded:,}", f"{len(frame) - embedded:,}", done - started)
+    log.info("embedded %s items with %s (%s encoded, %s reused) in %.1f s", f"{len(items):,}", version,
+             f"{embedded:,}", f"{len(items) - embedded:,}", done - started)
     seconds = {"read": read - started, "encode": encode - read, "write": done - encode}
     return {**metrics, "seconds": {phase: round(s, 3) for phase, s in seconds.items()}}

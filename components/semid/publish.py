@@ -5,6 +5,7 @@ readers. Keys are relative to the prefix, so a published tree can be moved:
     s3://bucket/prefix/<codebook_version>/<sha256[:16]>/<codebook_version>.pt       a re-publish never
                                                                                     overwrites bytes
     s3://bucket/prefix/<codebook_version>/manifest.json                   a reader may be downloading
+A sharded store (components/shards.py) is published part by part, named <codebook_version>.parquet/<file>.
     s3://bucket/prefix/CURRENT                                            {"codebook_version", "manifest"}
 
 Order: every part is uploaded and verified (the SHA256 checksum S3 computed on arrival against the local
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from components import shards
 from components.errors import CodebookVersionMismatch
 from components.semid import rqvae
 from components.semid.store import read_store
@@ -28,12 +30,22 @@ POINTER = "CURRENT"
 MANIFEST = "manifest.json"
 
 
-def manifest_of(version: str, files: list[Path]) -> dict:
+def published_files(store_path: Path, checkpoint_path: Path) -> list[tuple[str, Path]]:
+    """(name, local path) of each file to publish: the store (one file, or a sharded store's parts and its own
+    manifest, named <store>/<file> so a download rebuilds the directory), then the checkpoint."""
+    if store_path.is_dir():
+        store = [(f"{store_path.name}/{f.name}", f) for f in [*shards.files(store_path), store_path / shards.MANIFEST]]
+    else:
+        store = [(store_path.name, store_path)]
+    return [*store, (checkpoint_path.name, checkpoint_path)]
+
+
+def manifest_of(version: str, files: list[tuple[str, Path]]) -> dict:
     """Name, key, size, sha256 and S3 checksum of each part to publish under <version>/."""
     parts = []
-    for f in files:
+    for name, f in files:
         digest = sha256_of(f)
-        parts.append({"name": f.name, "key": f"{version}/{digest[:16]}/{f.name}", "size": f.stat().st_size,
+        parts.append({"name": name, "key": f"{version}/{digest[:16]}/{name}", "size": f.stat().st_size,
                       "sha256": digest, "checksum": s3_checksum(f)})
     return {"codebook_version": version, "parts": parts}
 
@@ -59,11 +71,12 @@ def publish(store_path: Path, checkpoint_path: Path, url: str, endpoint_url: str
 def publish_in(lake: Lake, store_path: Path, checkpoint_path: Path, version: str | None = None) -> dict:
     """`publish` into a lake: parts (each verified), manifest, then CURRENT, each step only after the one before."""
     version = version or checked_version(store_path, checkpoint_path)
-    manifest = manifest_of(version, [store_path, checkpoint_path])
+    files = published_files(store_path, checkpoint_path)
+    manifest = manifest_of(version, files)
     manifest_key = f"{version}/{MANIFEST}"
     pointer = {"codebook_version": version, "manifest": manifest_key}
     try:
-        for part, path in zip(manifest["parts"], [store_path, checkpoint_path]):
+        for part, (_, path) in zip(manifest["parts"], files):
             lake.put_file(path, part["key"])
         lake.put_json(manifest, manifest_key)
         lake.put_json(pointer, POINTER)

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from components import shards
 from components.errors import CodebookVersionMismatch, DataError
 
 EXAMPLES = 5  # item_ids quoted in an error message
@@ -56,7 +57,7 @@ def read_store(path: str | Path) -> SemIdStore:
     if not path.exists():
         raise DataError(f"{path}: SemID store not found (run `semid backfill` first)")
     try:
-        table = pl.read_parquet(path)
+        table = pl.read_parquet(shards.files(path))
     except Exception as exc:  # polars raises several kinds for a damaged file
         raise DataError(f"{path}: unreadable SemID store ({type(exc).__name__}: {exc})") from exc
     codes = table.columns[2:]

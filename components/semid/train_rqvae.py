@@ -27,7 +27,7 @@ import polars as pl
 import torch
 from rich.progress import Progress
 
-from components import provenance
+from components import provenance, shards
 from components.errors import DataError, ParamsError, SemidError
 from components.params import RQVAEParams
 from components.semid import rqvae
@@ -66,7 +66,7 @@ def load_window_vectors(p: RQVAEParams, layout: Layout) -> tuple[pl.DataFrame, t
                          *window)
     if not layout.embeddings.exists():
         raise DataError(f"{layout.embeddings}: embeddings not found (run `semid embed` first)")
-    emb = pl.read_parquet(layout.embeddings, columns=["item_id", "vector"]).join(
+    emb = pl.read_parquet(shards.files(layout.embeddings), columns=["item_id", "vector"]).join(
         items.select("item_id"), on="item_id", how="semi").sort("item_id")
     if emb.height < p.codebook_size:
         raise DataError(f"{layout.embeddings}: {emb.height} items active in the window {window}, fewer than "

@@ -1,0 +1,198 @@
+"""engine.kind: embed and backfill on a local Ray give the local engine's results, as sharded tables every reader
+accepts; bad input fails the same way on both, with nothing replaced."""
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pytest
+
+from components import engine, shards
+from components.errors import DataError, ParamsError
+from components.params import BackfillParams, EngineParams
+from components.semid.backfill import run_backfill
+from components.semid.embedding import VERSION_KEY, run_embed
+from components.semid.store import join_semids, read_store
+from components.storage import Layout, write_parquet
+from test_embedding import HASHING, make_texts, write_validated
+from test_semid import checkpoints, clustered, install, write_embeddings  # noqa: F401 (fixture)
+
+LOCAL = EngineParams()
+RAY = EngineParams(kind="ray", workers=2, shard_rows=64)
+
+
+@pytest.fixture(scope="module")
+def ray_engine():
+    """A local Ray of 2 CPUs for the module, shut down after it."""
+    ray = engine.start_ray(RAY)
+    yield RAY
+    ray.shutdown()
+
+
+def table(path) -> pl.DataFrame:
+    return pl.read_parquet(shards.files(path))
+
+
+# ---------------------------------------------------------------------------------------------- sharded tables
+
+
+def write_parts(path, frames: list[pl.DataFrame], metadata: dict) -> None:
+    path.mkdir(parents=True)
+    records = []
+    for index, frame in enumerate(frames):
+        file = path / shards.part_name(index)
+        frame.write_parquet(file)
+        records.append(shards.part_record(file, frame.to_arrow()))
+    shards.write_manifest(path, records, metadata, source="src")
+
+
+def test_readers_accept_one_file_and_parts_alike(tmp_path):
+    whole = pl.DataFrame({"item_id": list(range(10)), "x": [float(i) for i in range(10)]})
+    write_parquet(whole, tmp_path / "one.parquet", metadata={"k": "v"})
+    write_parts(tmp_path / "parts.parquet", [whole[:4], whole[4:9], whole[9:]], {"k": "v"})
+    for path in (tmp_path / "one.parquet", tmp_path / "parts.parquet"):
+        assert table(path).equals(whole)
+        assert shards.num_rows(path) == 10 and shards.metadata(path) == {"k": "v"}
+        batches = list(shards.iter_batches(path, 3, ["item_id"]))
+        assert [i for b in batches for i in b.column("item_id").to_pylist()] == list(range(10))
+    assert len(shards.files(tmp_path / "parts.parquet")) == 3
+
+
+def test_overlapping_parts_and_a_missing_part_are_refused(tmp_path):
+    frame = pl.DataFrame({"item_id": [1, 2, 3]})
+    with pytest.raises(DataError, match=r"src: column item_id is not sorted and unique \(item_id 2 follows 3\)"):
+        write_parts(tmp_path / "t.parquet", [frame, frame[1:]], {})
+    write_parts(tmp_path / "u.parquet", [frame[:1], frame[1:]], {})
+    (tmp_path / "u.parquet" / shards.part_name(1)).unlink()
+    with pytest.raises(DataError, match=r"manifest.json: lists part\(s\) \['part-00001.parquet'\]"):
+        shards.files(tmp_path / "u.parquet")
+
+
+def test_row_shards_cover_the_table_in_order_across_row_groups(tmp_path):
+    frame = pl.DataFrame({"item_id": list(range(1000))})
+    frame.write_parquet(tmp_path / "t.parquet", row_group_size=300)
+    cut = shards.row_shards(tmp_path / "t.parquet", 250)
+    assert [(s["index"], s["start"], s["stop"]) for s in cut] == [(0, 0, 250), (1, 250, 500), (2, 500, 750),
+                                                                  (3, 750, 1000)]
+    got = pl.concat([pl.from_arrow(shards.read_shard(s, ["item_id"])) for s in cut])
+    assert got.equals(frame)
+
+
+def test_a_file_replaces_a_sharded_table_and_back(tmp_path):
+    path = tmp_path / "t.parquet"
+    write_parts(path, [pl.DataFrame({"item_id": [1]}), pl.DataFrame({"item_id": [2]})], {})
+    write_parquet(pl.DataFrame({"item_id": [5]}), path)
+    assert path.is_file() and table(path)["item_id"].to_list() == [5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+
+
+def test_engine_params_are_checked():
+    for bad, key in ((EngineParams(kind="spark"), "engine.kind"), (EngineParams(workers=0), "engine.workers"),
+                     (EngineParams(shard_rows=0), "engine.shard_rows")):
+        with pytest.raises(ParamsError, match=key):
+            engine.check(bad)
+
+
+# ---------------------------------------------------------------------------------------------- embed
+
+
+def test_embed_on_ray_gives_the_local_vectors_as_a_sharded_table(tmp_path, ray_engine):
+    texts = make_texts(300) + make_texts(20)  # 20 exact copies of earlier texts under new ids
+    ids = list(range(5000, 5000 + 3 * 320, 3))[::-1]
+    local, ray = Layout(tmp_path / "local"), Layout(tmp_path / "ray")
+    for layout in (local, ray):
+        write_validated(layout, ids, texts)
+    run_embed(HASHING, local, LOCAL)
+    got = run_embed(HASHING, ray, ray_engine)
+
+    assert ray.embeddings.is_dir() and len(shards.files(ray.embeddings)) == 5  # 320 rows, 64 per shard
+    assert table(ray.embeddings).equals(table(local.embeddings))
+    assert shards.metadata(ray.embeddings)[VERSION_KEY] == shards.metadata(local.embeddings)[VERSION_KEY]
+    assert (ray.metrics / "embed.json").read_bytes() == (local.metrics / "embed.json").read_bytes()
+    assert (got["items"], got["embedded"], got["reused"]) == (320, 320, 0)
+
+    write_validated(ray, ids + [1, 99_999], texts + ["a brand new text", "another new one"])
+    again = run_embed(HASHING, ray, ray_engine)  # the sharded output is the next run's cache
+    assert (again["items"], again["embedded"], again["texts_encoded"]) == (322, 2, 2)
+    assert table(ray.embeddings).filter(pl.col("item_id").is_in(ids)).equals(table(local.embeddings))
+
+
+def test_embed_on_ray_reads_a_one_file_cache_and_local_reads_a_sharded_one(tmp_path, ray_engine):
+    layout = Layout(tmp_path)
+    write_validated(layout, range(200), make_texts(200))
+    run_embed(HASHING, layout, LOCAL)
+    assert run_embed(HASHING, layout, ray_engine)["embedded"] == 0
+    assert layout.embeddings.is_dir()
+    assert run_embed(HASHING, layout, LOCAL)["embedded"] == 0
+    assert layout.embeddings.is_file()
+
+
+# ---------------------------------------------------------------------------------------------- backfill
+
+
+@pytest.fixture
+def embedded(tmp_path, checkpoints):  # noqa: F811 (the fixture imported above)
+    """Two layouts with checkpoint a current and the same 500 items embedded."""
+    ids, x = np.arange(500) * 3 + 10, clustered(500, seed=5)
+    layouts = []
+    for name in ("local", "ray"):
+        layout = Layout(tmp_path / name)
+        install(layout, checkpoints["a"])
+        write_embeddings(layout, ids, x)
+        layouts.append(layout)
+    return (*layouts, ids, x)
+
+
+def test_backfill_on_ray_gives_the_local_semids(embedded, ray_engine):
+    local, ray, ids, x = embedded
+    run_backfill(BackfillParams(), local, LOCAL)
+    got = run_backfill(BackfillParams(), ray, ray_engine)
+    assert ray.semids.is_dir() and len(shards.files(ray.semids)) > 1
+    assert table(ray.semids).equals(table(local.semids))
+    assert read_store(ray.semids).table.equals(read_store(local.semids).table)
+    assert (ray.metrics / "backfill.json").read_bytes() == (local.metrics / "backfill.json").read_bytes()
+    assert (got["encoded"], got["full_backfill"]) == (500, True)
+    frame = pl.DataFrame({"item_id": [int(ids[7]), -1]})
+    version = read_store(ray.semids).codebook_version
+    assert join_semids(frame, ray.semids, version).equals(join_semids(frame, local.semids, version))
+
+
+def test_backfill_on_ray_keeps_known_semids_and_reads_embeddings_written_by_ray(embedded, ray_engine):
+    local, ray, ids, x = embedded
+    run_backfill(BackfillParams(), ray, ray_engine)
+    before = table(ray.semids)
+    keep = np.ones(500, dtype=bool)
+    keep[::5] = False
+    new_ids, new_x = np.arange(30) * 3 + 11, clustered(30, seed=9)
+    all_ids = np.concatenate([ids[keep], new_ids])
+    order = np.argsort(all_ids)
+    write_embeddings(ray, all_ids[order], np.concatenate([x[keep], new_x])[order])
+    got = run_backfill(BackfillParams(), ray, dataclasses.replace(ray_engine, shard_rows=100))
+    assert (got["encoded"], got["reused"], got["dropped"], got["full_backfill"]) == (30, 400, 100, False)
+    after = table(ray.semids)
+    assert after["item_id"].to_list() == sorted(all_ids.tolist())
+    assert after.filter(pl.col("item_id").is_in(ids[keep].tolist())).equals(
+        before.filter(pl.col("item_id").is_in(ids[keep].tolist())))
+
+
+def test_backfill_on_ray_refuses_nan_vectors_like_local_and_replaces_nothing(embedded, ray_engine):
+    _, ray, ids, x = embedded
+    run_backfill(BackfillParams(), ray, ray_engine)
+    manifest = (ray.semids / shards.MANIFEST).read_bytes()
+    metrics = (ray.metrics / "backfill.json").read_bytes()
+    x = x.copy()
+    x[[4, 200, 450], 3] = [np.nan, np.inf, np.nan]
+    write_embeddings(ray, ids, x)
+    with pytest.raises(DataError, match=rf"{ray.embeddings}: column vector holds NaN, inf or null in 3 of 500 "
+                                        rf"row\(s\).*item_id \[{ids[4]}, {ids[200]}, {ids[450]}\]"):
+        run_backfill(BackfillParams(), ray, ray_engine)
+    assert (ray.semids / shards.MANIFEST).read_bytes() == manifest
+    assert (ray.metrics / "backfill.json").read_bytes() == metrics
+    assert sorted(p.name for p in ray.semids.parent.iterdir()) == [ray.semids.name]  # no staging left
+
+
+def test_backfill_on_ray_refuses_unsorted_embeddings(embedded, ray_engine):
+    _, ray, ids, x = embedded
+    write_embeddings(ray, ids[::-1], x)
+    with pytest.raises(DataError, match="column item_id is not sorted and unique"):
+        run_backfill(BackfillParams(), ray, ray_engine)
+    assert not ray.semids.exists()
