@@ -114,8 +114,9 @@ def import_movielens(
 def validate(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -> None:
     """Gate data/raw with Great Expectations; write data/validated only when it passes."""
     from components.data.validation import run_validate
+    from components.params import load_params
 
-    run_validate(*inputs(params, "validation", as_of, dated="window_end"))
+    run_validate(*inputs(params, "validation", as_of, dated="window_end"), load_params(params).engine)
 
 
 @app.command()

@@ -7,14 +7,16 @@ import polars as pl
 import pytest
 
 from components import engine, shards
-from components.errors import DataError, ParamsError
-from components.params import BackfillParams, EngineParams
+from components.data.validation import run_validate
+from components.errors import DataError, ParamsError, ValidationFailed
+from components.params import BackfillParams, EngineParams, ValidationParams
 from components.semid.backfill import run_backfill
 from components.semid.embedding import VERSION_KEY, run_embed
 from components.semid.store import join_semids, read_store
 from components.storage import Layout, write_parquet
 from test_embedding import HASHING, make_texts, write_validated
 from test_semid import checkpoints, clustered, install, write_embeddings  # noqa: F401 (fixture)
+from validation_data import PER_DAY, events_frame, items_frame, set_value, write_raw
 
 LOCAL = EngineParams()
 RAY = EngineParams(kind="ray", workers=2, shard_rows=64)
@@ -196,3 +198,49 @@ def test_backfill_on_ray_refuses_unsorted_embeddings(embedded, ray_engine):
     with pytest.raises(DataError, match="column item_id is not sorted and unique"):
         run_backfill(BackfillParams(), ray, ray_engine)
     assert not ray.semids.exists()
+
+
+# ---------------------------------------------------------------------------------------------- validate
+
+
+def validated_files(layout: Layout) -> dict[str, bytes]:
+    return {str(p.relative_to(layout.root)): p.read_bytes()
+            for top in (layout.validated.root, layout.quarantine) for p in sorted(top.rglob("*")) if p.is_file()}
+
+
+def outcome(layout: Layout) -> dict[str, bytes]:
+    """Everything validate writes but its timings: data, quarantine, metrics, record and report."""
+    return {**validated_files(layout), "metrics": (layout.metrics / "validation.json").read_bytes(),
+            "record": layout.record("validation").read_bytes(),
+            "report": (layout.reports / "validation" / "report.md").read_bytes()}
+
+
+def test_validate_on_ray_quarantines_the_same_rows_as_local(tmp_path, ray_engine):
+    items = set_value(items_frame(), 5, "text", "")  # item 1050 fails, and with it its events
+    events = set_value(set_value(events_frame(), 45, "clicked", 2), 100, "f_0", float("nan"))
+    params = ValidationParams(max_bad_fraction=0.1, chunk_rows=PER_DAY)  # one day per batch: 3 tasks
+    layouts = [Layout(tmp_path / name) for name in ("local", "ray")]
+    for layout, engine_params in zip(layouts, (LOCAL, ray_engine)):
+        write_raw(layout, items, events)
+        metrics = run_validate(params, layout, engine_params)
+        assert metrics["success"] and metrics["events"]["quarantined_rows"] > 2
+    assert outcome(layouts[1]) == outcome(layouts[0])
+
+
+def test_validate_on_ray_fails_the_gate_like_local_and_keeps_the_last_good_data(tmp_path, ray_engine):
+    layouts = [Layout(tmp_path / name) for name in ("local", "ray")]
+    events = events_frame()
+    for row in range(0, 120, 7):  # 18 of 120 rows: beyond max_bad_fraction 0.1
+        events = set_value(events, row, "clicked", 3)
+    errors = []
+    for layout, engine_params in zip(layouts, (LOCAL, ray_engine)):
+        write_raw(layout)
+        run_validate(ValidationParams(), layout, engine_params)
+        before = validated_files(layout)
+        write_raw(layout, events=events)
+        with pytest.raises(ValidationFailed) as failed:
+            run_validate(ValidationParams(max_bad_fraction=0.1, chunk_rows=PER_DAY), layout, engine_params)
+        errors.append(str(failed.value))
+        assert validated_files(layout) == before
+    assert "events.clicked" in errors[0] and errors[1] == errors[0]
+    assert outcome(layouts[1]) == outcome(layouts[0])

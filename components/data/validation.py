@@ -3,7 +3,8 @@
 load    read_schema/check_schema for items and every events file in the window (never quarantinable);
         the window is [window_start, window_end) or the data's own days, and only its partitions are read
 check   Great Expectations runs items_checks and events_checks (below) on pandas copies of the columns
-        they need; events stream in batches of about `chunk_rows` rows (whole partitions)
+        they need; events stream in batches of about `chunk_rows` rows (whole partitions), one after the other
+        or, with engine.kind ray, all at once on Ray actors (each reads the item lookup once)
 decide  rows failing any check are quarantined while they are at most `max_bad_fraction` of their table;
         above that the gate fails with ValidationFailed, one line per failed check
 write   data/validated (staged, replaced whole) and data/quarantine on success; metrics/validation.json
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,11 +44,11 @@ import great_expectations.expectations as gxe  # noqa: E402
 from great_expectations.data_context.types.base import ProgressBarsConfig  # noqa: E402
 from great_expectations.validator.v1_validator import Validator  # noqa: E402
 
-from components import provenance  # noqa: E402
+from components import engine, provenance  # noqa: E402
 from components.data import contracts  # noqa: E402
 from components.data.lake import readable_raw  # noqa: E402
 from components.errors import DataError, ParamsError, SemidError, ValidationFailed  # noqa: E402
-from components.params import ValidationParams  # noqa: E402
+from components.params import EngineParams, ValidationParams  # noqa: E402
 from components.storage import DataDir, Layout, staged_dir, write_metrics, write_parquet, write_text  # noqa: E402
 from components.window import Window  # noqa: E402
 
@@ -238,6 +240,22 @@ class Tally:
     def failed(self) -> list[Check]:
         return [c for c in self.checks if self.counts[c.reason]]
 
+    def summary(self) -> dict:
+        """What `merge` needs of this tally, JSON-able (the failing rows themselves go in a file)."""
+        return {"evaluated": self.evaluated, "counts": dict(self.counts), "examples": dict(self.examples),
+                "complete": self.complete}
+
+    def merge(self, summary: dict, bad: pl.DataFrame | None) -> None:
+        """Add the tally of a later batch, as `add` would have counted it."""
+        self.evaluated = max(self.evaluated, summary["evaluated"])
+        self.counts.update(summary["counts"])
+        for reason, found in summary["examples"].items():
+            examples = self.examples[reason]
+            examples += [e for e in found if e not in examples][:EXAMPLES - len(examples)]
+        self.complete &= summary["complete"]
+        if bad is not None and self.complete:
+            self.bad.append(bad)
+
 
 def quarantine_rows(frame: pl.DataFrame, failures: list[Failure], sources: list[str],
                     offsets: np.ndarray) -> pl.DataFrame:
@@ -350,22 +368,65 @@ def check_items(items: pl.DataFrame, source: str, clock: Stopwatch) -> Tally:
     return tally
 
 
+def check_event_batch(tally: Tally, batch: list[EventFile], dense: list[str], lookup: pl.DataFrame,
+                      raw: DataDir, budget: float, clock: Stopwatch) -> None:
+    """Read, derive and check one batch of whole partitions into `tally`, keeping failing rows while their
+    count stays within `budget`."""
+    with clock("read"):
+        events = read_events(batch, dense)
+    with clock("convert"):
+        derived = derive_events(events, lookup)
+        frame = to_gx(derived, tally.checks)
+    with clock("gx"):
+        evaluated, failures = run_gx(tally.checks, frame, budget)
+    offsets = np.cumsum([0] + [f.rows for f in batch[:-1]])
+    tally.add(derived, evaluated, failures, [str(f.path.relative_to(raw.root)) for f in batch], offsets,
+              [*contracts.EVENTS, *dense])
+
+
 def check_events(files: list[EventFile], dense: list[str], lookup: pl.DataFrame, window: Window,
-                 params: ValidationParams, raw: DataDir, clock: Stopwatch) -> Tally:
+                 params: ValidationParams, raw: DataDir, clock: Stopwatch, engine_params: EngineParams) -> Tally:
+    """The events suite over the window's partitions: batch after batch here, or every batch at once as
+    `CheckEvents` tasks on Ray (then each batch may keep up to the whole budget of failing rows; the counts,
+    and the rows quarantined when the gate passes, are the same)."""
     tally = Tally("events", events_checks(dense, window), rows=sum(f.rows for f in files))
-    for batch in batches(files, params.chunk_rows):
-        with clock("read"):
-            events = read_events(batch, dense)
-        with clock("convert"):
-            derived = derive_events(events, lookup)
-            frame = to_gx(derived, tally.checks)
-        with clock("gx"):
+    if engine_params.kind == "local":
+        for batch in batches(files, params.chunk_rows):
             budget = tally.budget(params.max_bad_fraction) - tally.bad_rows if tally.complete else -1
-            evaluated, failures = run_gx(tally.checks, frame, budget)
-        offsets = np.cumsum([0] + [f.rows for f in batch[:-1]])
-        tally.add(derived, evaluated, failures, [str(f.path.relative_to(raw.root)) for f in batch], offsets,
-                  [*contracts.EVENTS, *dense])
+            check_event_batch(tally, batch, dense, lookup, raw, budget, clock)
+        return tally
+    work = [{"index": i, "files": [[f.day.isoformat(), str(f.path), f.rows] for f in batch]}
+            for i, batch in enumerate(batches(files, params.chunk_rows))]
+    with tempfile.TemporaryDirectory(prefix=f".validate.{os.getpid()}-spool", suffix=".tmp",
+                                     dir=raw.root.parent) as spool:  # the workspace: every actor sees it
+        lookup.write_parquet(Path(spool) / "lookup.parquet")  # read once per actor: the broadcast
+        args = (spool, str(raw.root), dense, window.start.isoformat(), window.end.isoformat(),
+                tally.budget(params.max_bad_fraction))
+        records = engine.run_shards(engine_params, CheckEvents, args, work, "validating events")
+        for record in records:
+            tally.merge(record["tally"], pl.read_parquet(record["bad"]) if record["bad"] else None)
+            clock.seconds.update(record["seconds"])
     return tally
+
+
+class CheckEvents(engine.ShardTask):
+    """The Ray engine's task: one batch of partitions checked by `check_event_batch` with the item lookup the
+    driver wrote once to the spool; its failing rows go to a file there, its tally back as data."""
+
+    def __init__(self, spool: str, raw: str, dense: list[str], start: str, end: str, budget: float):
+        self.spool, self.raw, self.dense, self.budget = Path(spool), DataDir(Path(raw)), dense, budget
+        self.window = Window(dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end))
+        self.lookup = pl.read_parquet(self.spool / "lookup.parquet")
+
+    def run(self, shard: dict) -> dict:
+        batch = [EventFile(dt.date.fromisoformat(day), Path(path), rows) for day, path, rows in shard["files"]]
+        tally, clock = Tally("events", events_checks(self.dense, self.window)), Stopwatch()
+        check_event_batch(tally, batch, self.dense, self.lookup, self.raw, self.budget, clock)
+        bad = None
+        if tally.bad:
+            bad = self.spool / f"bad-{shard['index']:05d}.parquet"
+            pl.concat(tally.bad).write_parquet(bad)
+        return {"tally": tally.summary(), "bad": bad and str(bad), "seconds": dict(clock.seconds)}
 
 
 def kept_mask(rows: int, bad: pl.DataFrame) -> pl.Series:
@@ -469,7 +530,7 @@ def render_report(metrics: dict, tallies: list[Tally]) -> str:
 # ----------------------------------------------------------------------------------------------- stage
 
 
-def run_validate(params: ValidationParams, layout: Layout) -> dict:
+def run_validate(params: ValidationParams, layout: Layout, engine_params: EngineParams = EngineParams()) -> dict:
     """Gate data/raw (or the lake it lists): write data/validated and data/quarantine when it passes, metrics and
     report always.
 
@@ -477,7 +538,7 @@ def run_validate(params: ValidationParams, layout: Layout) -> dict:
     `max_bad_fraction` or the window holds no events.
     """
     with readable_raw(layout, lambda days: window_of(days, params).covers_day) as raw:
-        return validate(raw, params, layout)
+        return validate(raw, params, layout, engine_params)
 
 
 def window_of(days: list[dt.date], params: ValidationParams) -> Window:
@@ -486,7 +547,9 @@ def window_of(days: list[dt.date], params: ValidationParams) -> Window:
     return window or Window(dt.date.min, dt.date.min)
 
 
-def validate(raw: DataDir, params: ValidationParams, layout: Layout) -> dict:
+def validate(raw: DataDir, params: ValidationParams, layout: Layout,
+             engine_params: EngineParams = EngineParams()) -> dict:
+    engine.check(engine_params)
     clock = Stopwatch()
     window, tallies = None, []
     try:
@@ -503,7 +566,7 @@ def validate(raw: DataDir, params: ValidationParams, layout: Layout) -> dict:
         tallies.append(check_items(items, str(raw.items.relative_to(raw.root)), clock))
         items_bad = bad_frame(tallies[0], contracts.ITEMS)
         lookup = item_lookup(items, kept_mask(len(items), items_bad))
-        tallies.append(check_events(files, dense, lookup, window, params, raw, clock))
+        tallies.append(check_events(files, dense, lookup, window, params, raw, clock, engine_params))
     except SemidError as exc:
         _publish(raw, layout, params, window, tallies, [str(exc)], False, clock)
         raise
