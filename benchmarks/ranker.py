@@ -66,7 +66,8 @@ from components.ranker.examples import (  # noqa: E402
     ranker_window,
 )
 from components.ranker.model import Ranker, bce  # noqa: E402
-from components.ranker.train_ranker import model_config, train_passes  # noqa: E402
+from components.ranker.train_ranker import model_config  # noqa: E402
+from components.ranker.training import train_passes  # noqa: E402
 from components.semid.store import SemIdStore, code_columns, code_dtype  # noqa: E402
 from components.storage import DataDir, Layout  # noqa: E402
 from components.window import Window  # noqa: E402

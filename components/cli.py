@@ -176,7 +176,9 @@ def train_ranker(params: ParamsFile = Path("params.yaml"), as_of: AsOf = None) -
     worse); a challenger is trained only when due (ranker.retrain_every_days, a new codebook)."""
     from components.ranker.train_ranker import run_train_ranker
 
-    run_train_ranker(*inputs(params, "ranker"), as_of=loop_day(params, as_of))
+    from components.params import load_params
+
+    run_train_ranker(*inputs(params, "ranker"), as_of=loop_day(params, as_of), engine_params=load_params(params).engine)
 
 
 @app.command()

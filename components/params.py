@@ -195,7 +195,7 @@ class DriftParams:
 
 @dataclasses.dataclass(frozen=True)
 class EngineParams:
-    """Where the parallel stages (validate, embed, backfill) run their shard tasks (components/engine.py)."""
+    """Where validate, embed, backfill and train_ranker run (components/engine.py)."""
     kind: str = "local"  # "local" (this process, one-file tables) | "ray" (Ray actors, sharded tables)
     address: str | None = None  # Ray: None starts a local Ray on demand; "auto" or ray://host:10001 joins a cluster
     workers: int | None = None  # Ray actors per stage; None: one per CPU of the cluster

@@ -1,6 +1,7 @@
 """engine.kind: embed and backfill on a local Ray give the local engine's results, as sharded tables every reader
 accepts; bad input fails the same way on both, with nothing replaced."""
 import dataclasses
+import shutil
 
 import numpy as np
 import polars as pl
@@ -10,12 +11,14 @@ from components import engine, shards
 from components.data.validation import run_validate
 from components.errors import DataError, ParamsError, ValidationFailed
 from components.params import BackfillParams, EngineParams, ValidationParams
+from components.ranker.train_ranker import run_train_ranker
 from components.semid.backfill import run_backfill
 from components.semid.embedding import VERSION_KEY, run_embed
 from components.semid.store import join_semids, read_store
 from components.storage import Layout, write_parquet
 from test_embedding import HASHING, make_texts, write_validated
 from test_semid import checkpoints, clustered, install, write_embeddings  # noqa: F401 (fixture)
+from test_train_ranker import SMALL, prepared  # noqa: F401 (fixture)
 from validation_data import PER_DAY, events_frame, items_frame, set_value, write_raw
 
 LOCAL = EngineParams()
@@ -244,3 +247,23 @@ def test_validate_on_ray_fails_the_gate_like_local_and_keeps_the_last_good_data(
         assert validated_files(layout) == before
     assert "events.clicked" in errors[0] and errors[1] == errors[0]
     assert outcome(layouts[1]) == outcome(layouts[0])
+
+
+# ---------------------------------------------------------------------------------------------- train_ranker
+
+
+def test_train_ranker_on_ray_lands_within_the_seed_spread_of_one_process(prepared, tmp_path, ray_engine):  # noqa: F811
+    """Two data-parallel workers (DDP, gloo, sparse table gradients) against one process at seeds 0, 1, 2."""
+    def ne(seed: int, engine_params: EngineParams, name: str) -> dict:
+        layout = Layout(tmp_path / name)
+        shutil.copytree(prepared.root, layout.root)
+        return run_train_ranker(dataclasses.replace(SMALL, seed=seed), layout, engine_params=engine_params)
+
+    local = [ne(seed, LOCAL, f"local-{seed}") for seed in (0, 1, 2)]
+    ray = ne(0, ray_engine, "ray")
+    spread = [m["ne"]["all"] for m in local]
+    print(f"NE all: one process {spread}, ray {ray['ne']['all']}")
+    assert ray["throughput"]["device"] == "ray: 2 cpu worker(s)"
+    assert abs(ray["ne"]["all"] - spread[0]) <= max(spread) - min(spread)
+    assert [c["step"] for c in ray["loss_curve"]] == [c["step"] for c in local[0]["loss_curve"]]
+    assert not list((tmp_path / "ray" / "models").glob(".*"))  # Ray Train's run directory is gone

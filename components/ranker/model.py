@@ -189,5 +189,5 @@ class Ranker(nn.Module):
         return [p for p in self.parameters() if id(p) not in sparse]
 
 
-def bce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), label)
+def bce(logits: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), label, reduction=reduction)

@@ -2,9 +2,9 @@
 one by default), evaluation on the hours right after it, champion/challenger promotion.
 
     load      the windows (components/ranker/examples.py), the SemID store of the current codebook, the examples
-    train     the output bias starts at the base rate's logit; Adam on the dense parameters, Adagrad on the
-              embedding tables (sparse gradients: dense updates of a 2M-row table are 123x slower, README
-              "Benchmarks"); CUDA with bf16 autocast when present, else CPU
+    train     the output bias starts at the base rate's logit; the loop (components/ranker/training.py): Adam on
+              the dense parameters, Adagrad on the sparse embedding tables; CUDA with bf16 autocast when present,
+              else CPU; with engine.kind ray, data-parallel on Ray Train (components/ranker/distributed.py)
     evaluate  NE by segment, drift sensitivity, A/A ratio, attention diagnostics (components/ranker/evaluation.py)
     promote   save models/ranker/<model_version>.pt; models/serving.json switches to it (and its codebook) only
               when the challenger is not worse than the champion (components/ranker/promotion.py)
@@ -18,28 +18,26 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import itertools
 import json
 import logging
 import math
 import time
-import warnings
 
 import numpy as np
 import polars as pl
 import torch
-from rich.progress import Progress
 
-from components import provenance, serving
+from components import engine, provenance, serving
 from components.errors import DataError, IncompatibleCheckpoint, ParamsError
-from components.params import RankerParams
-from components.ranker.device import autocast, pick_device, to_device
+from components.params import EngineParams, RankerParams
+from components.ranker.device import pick_device
 from components.ranker.evaluation import copy_partners, created_at, evaluate
 from components.ranker.examples import Examples, load_examples, ranker_window
-from components.ranker.model import Ranker, bce
+from components.ranker.model import Ranker
 from components.ranker.parameterization import NAMES as PARAMETERIZATIONS
 from components.ranker.parameterization import row_indices
 from components.ranker.promotion import load_ranker, promote, save_ranker
+from components.ranker.training import train_passes
 from components.semid import rqvae
 from components.semid.store import SemIdStore, open_store, read_store
 from components.storage import Layout, write_metrics, write_parquet, write_text
@@ -118,44 +116,14 @@ def build_model(p: RankerParams, train: Examples, K: int, L: int, layout: Layout
     return model
 
 
-def train_passes(model: Ranker, train: Examples, p: RankerParams, device: torch.device) -> dict:
-    """ranker.epochs passes over the training examples, each in time order (the paper's one pass by default);
-    returns throughput and the loss curve."""
-    dense_opt = torch.optim.Adam(model.dense_parameters(), lr=p.lr)
-    sparse_opt = torch.optim.Adagrad(model.sparse_parameters(), lr=p.sparse_lr)
-    # Adagrad builds its sparse updates from coalesced gradients: torch's note on skipped checks is noise here.
-    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-    model.train()
-    losses, curve, started = [], [], time.perf_counter()
-    steps = p.epochs * math.ceil(len(train) / p.batch_size)
-    passes = (train.batches(p.batch_size) for _ in range(p.epochs))
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"train ranker ({p.epochs} pass{'es' if p.epochs > 1 else ''})", total=steps)
-        for step, batch in enumerate(itertools.chain.from_iterable(passes)):
-            batch = to_device(batch, device)
-            with autocast(device):
-                logits, _ = model(batch)
-            loss = bce(logits, batch["label"])
-            dense_opt.zero_grad(set_to_none=True)
-            sparse_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            dense_opt.step()
-            sparse_opt.step()
-            losses.append(loss.item())
-            if (step + 1) % 50 == 0 or step == steps - 1:
-                curve.append({"step": step + 1, "loss": float(np.mean(losses[-50:]))})
-            bar.advance(task)
-    seconds = time.perf_counter() - started
-    return {"examples": len(train), "seconds": round(seconds, 2),
-            "examples_per_s": round(p.epochs * len(train) / seconds),
-            "loss_curve": curve}
-
-
-def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = None) -> dict:
+def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = None,
+                     engine_params: EngineParams = EngineParams()) -> dict:
     """Train, evaluate and promote a ranker as of `as_of` (its evaluation window ends there; default: the data's
-    end); returns the metrics."""
+    end); returns the metrics. With engine.kind ray the training passes are data-parallel on Ray Train workers
+    (components/ranker/distributed.py); the rest runs here."""
     # load
     check_params(p)
+    engine.check(engine_params)
     device = pick_device(p.device)
     train_window, eval_window = ranker_window(p, layout.validated, as_of)
     store, K, L = current_store(p, layout)
@@ -176,7 +144,11 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
     model = build_model(p, train, K, L, layout).to(device)
     log.info("training %s ranker (%s, history %s) on %s examples, %s on %s", p.item_ids, p.parameterization,
              p.history.aggregation, f"{len(train):,}", device, train_window)
-    training = train_passes(model, train, p, device)
+    if engine_params.kind == "ray":
+        from components.ranker.distributed import train_on_ray
+        training = train_on_ray(model, train, p, engine_params, layout.ranker.parent)
+    else:
+        training = train_passes(model, train, p, device)
 
     # evaluate
     metrics, predictions = evaluate(model, train, evaluation, train_window, p.batch_size, device,
@@ -209,7 +181,8 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
     }
     timings = {"throughput": {"train_examples_per_s": training["examples_per_s"],
                               "pipeline_examples_per_s": round((len(train) + len(evaluation)) / pipeline_s),
-                              "device": device.type}}
+                              "device": device.type if engine_params.kind == "local"
+                              else f"ray: {training['workers']} cpu worker(s)"}}
     write_outputs(layout, metrics, timings)
     return {**metrics, **timings}
 
