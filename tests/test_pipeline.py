@@ -108,6 +108,39 @@ def test_dvc_exp_run_sets_params(repo):
     assert any(line.startswith("rh,") for line in shown.splitlines())
 
 
+def test_dvc_repro_on_the_ray_engine_gives_the_local_results(repo, tmp_path):
+    """engine.kind: ray from a fresh repo: validate, embed, backfill and train_ranker on a local Ray (2 workers,
+    sharded tables); the same validation outcome, vectors and SemIDs, NE within float noise."""
+    (tmp_path / "ray").mkdir()
+    ray_repo = pipeline_repo(tmp_path / "ray", SMALL_WORLD, engine={"kind": "ray", "workers": 2, "shard_rows": 200},
+                             validation={"chunk_rows": 10_000})  # 3 day batches, 3 item shards
+    run(["dvc", "repro"], repo)
+    done = run(["dvc", "repro"], ray_repo)
+    assert [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")] == STAGES
+
+    import polars as pl
+
+    from components import shards
+
+    def table(root: Path, path: str) -> pl.DataFrame:
+        return pl.read_parquet(shards.files(root / path))
+
+    assert (ray_repo / "data" / "embeddings" / "items.parquet").is_dir()
+    version = json.loads((repo / "reports" / "rqvae" / "record.json").read_text())["codebook_version"]
+    store = f"data/semids/{version}.parquet"
+    assert (ray_repo / store).is_dir() and len(shards.files(ray_repo / store)) == 3
+    assert table(ray_repo, store).equals(table(repo, store))
+    assert table(ray_repo, "data/embeddings/items.parquet").equals(table(repo, "data/embeddings/items.parquet"))
+    for name in ("validation", "embed", "rqvae", "backfill"):
+        assert (ray_repo / "metrics" / f"{name}.json").read_text() == (repo / "metrics" / f"{name}.json").read_text()
+    ne = [json.loads((root / "metrics" / "ranker.json").read_text())["ne"]["all"] for root in (repo, ray_repo)]
+    print(f"NE all: local {ne[0]}, ray {ne[1]}")
+    record = json.loads((ray_repo / "reports" / "ranker" / "record.json").read_text())
+    assert record["throughput"]["device"] == "ray: 2 cpu worker(s)"
+    assert abs(ne[1] - ne[0]) < 0.005
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], ray_repo).stdout
+
+
 def commit(repo: Path, message: str) -> None:
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], repo)

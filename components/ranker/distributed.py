@@ -67,7 +67,7 @@ def train_on_ray(model: Ranker, train: Examples, p: RankerParams, engine_params:
                                "params": p, "threads": 1},
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
             torch_config=TorchConfig(backend="gloo"),
-            run_config=RunConfig(name="train_ranker", storage_path=storage))
+            run_config=RunConfig(name="train_ranker", storage_path=str(Path(storage).resolve())))
         log.info("training on Ray: %d data-parallel worker(s), gloo", workers)
         result = trainer.fit()
         with result.checkpoint.as_directory() as directory:
