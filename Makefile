@@ -12,12 +12,14 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 setup: $(STAMP)
 
-# torch first: `torch==2.13.0` takes the CPU wheel; anything looser drags in multi-GB CUDA builds.
+# torch first: `torch==2.13.0` takes the CPU wheel; anything looser drags in multi-GB CUDA builds. The lock is the
+# whole tested set, so it installs with --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu, and the lock
+# holds fbgemm-gpu-cpu instead.
 $(STAMP): requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q pip==26.3
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -r requirements.lock
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 

@@ -145,6 +145,7 @@ class RankerParams:
     epochs: int = 1  # passes over the training window, each in time order (the paper: one)
     lr: float = 0.001  # Adam, dense parameters
     sparse_lr: float = 0.2  # Adagrad, embedding tables (sparse gradients)
+    tables: str = "torch"  # "torch" (EmbeddingBag, sparse gradients) | "torchrec" (fused row-wise Adagrad)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
     history: HistoryParams = HistoryParams()

@@ -82,6 +82,20 @@ def test_metrics_hold_ne_by_segment_drift_and_aar(world):
     assert live.store == f"data/semids/{m['codebook_version']}.parquet"
 
 
+def test_torchrec_tables_train_evaluate_and_reload_within_tolerance(world, tmp_path):
+    """ranker.tables torchrec: FusedEmbeddingBagCollection with row-wise Adagrad in backward, against torch's
+    EmbeddingBag + Adagrad on the same data, seed and learning rates."""
+    torch_tables = Layout(tmp_path / "torch")
+    shutil.copytree(world.root, torch_tables.root)
+    reference = run_train_ranker(SMALL, torch_tables)
+    fused = run_train_ranker(dataclasses.replace(SMALL, tables="torchrec"), world)
+    print(f"NE all: torch {reference['ne']['all']}, torchrec {fused['ne']['all']}")
+    assert abs(fused["ne"]["all"] - reference["ne"]["all"]) < 0.01 and fused["ne"]["all"] < 1
+    model, ckpt = load_ranker(world.ranker / f"{fused['model_version']}.pt")
+    assert ckpt["params"]["tables"] == "torchrec" and all(lookup.fused for lookup in model.lookups.values())
+    assert model.sparse_parameters() == []  # nothing left for the loop's Adagrad: the tables step themselves
+
+
 def test_same_seed_and_data_give_the_same_model(world):
     first = run_train_ranker(SMALL, world)
     world.serving.unlink()  # nothing serves: a challenger is due again

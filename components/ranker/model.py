@@ -49,20 +49,35 @@ def hash_rows(item_id: torch.Tensor, H: int) -> torch.Tensor:
 
 class ItemLookup(nn.Module):
     """Raw item IDs (+ SemID codes) -> sum of G embedding rows. Row `rows` of the table is the padding row:
-    zero and never trained (EmbeddingBag's padding_idx), used for history padding and unused slots."""
+    zero and never trained (EmbeddingBag's padding_idx, or left out of TorchRec's jagged input), used for history
+    padding and unused slots. `fused_lr` set: the table is TorchRec's FusedEmbeddingBagCollection, whose
+    row-wise Adagrad at that rate updates the rows a batch touched during backward (ranker.tables: torchrec);
+    else a torch EmbeddingBag with sparse gradients for the training loop's Adagrad."""
 
     def __init__(self, kind: str, d: int, rows: int, codebook_size: int = 0, parameterization: str = "",
-                 ngram_depth: int | None = None, vocabulary: torch.Tensor | None = None):
+                 ngram_depth: int | None = None, vocabulary: torch.Tensor | None = None,
+                 fused_lr: float | None = None):
         super().__init__()
         self.kind, self.rows, self.K = kind, rows, codebook_size
         self.parameterization, self.ngram_depth = parameterization, ngram_depth
         # ie: sorted raw IDs; row i belongs to vocabulary[i], row len(vocabulary) to every unknown ID
         self.register_buffer("vocabulary", vocabulary if vocabulary is not None else torch.empty(0, dtype=torch.int64))
-        self.table = nn.EmbeddingBag(rows + 1, d, mode="sum", sparse=True, padding_idx=rows)
+        if fused_lr is None:
+            self.table = nn.EmbeddingBag(rows + 1, d, mode="sum", sparse=True, padding_idx=rows)
+        else:
+            self.table = fused_table(kind, rows + 1, d, fused_lr)
         bound = (rows + 1) ** -0.5  # DLRM's init: a row never trained stays near zero instead of adding noise
-        nn.init.uniform_(self.table.weight, -bound, bound)
         with torch.no_grad():
-            self.table.weight[rows].zero_()
+            nn.init.uniform_(self.weight, -bound, bound)
+            self.weight[rows].zero_()
+
+    @property
+    def fused(self) -> bool:
+        return not isinstance(self.table, nn.EmbeddingBag)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.table.weight if not self.fused else self.table.embedding_bags[self.kind].weight
 
     def row_indices(self, item_id: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """(B,) raw IDs (-1: padding) and (B, L) codes (-1: no SemID) -> (B, G) table rows."""
@@ -87,7 +102,31 @@ class ItemLookup(nn.Module):
         return torch.where(pad[:, None], self.rows, rows)
 
     def forward(self, item_id: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return self.table(self.row_indices(item_id, codes))  # (B, d)
+        rows = self.row_indices(item_id, codes)  # (B, G)
+        if not self.fused:
+            return self.table(rows)  # (B, d)
+        from torchrec import KeyedJaggedTensor
+
+        used = rows != self.rows  # the padding row is left out: an all-padding bag pools to zero
+        jagged = KeyedJaggedTensor.from_lengths_sync(keys=[self.kind], values=rows[used], lengths=used.sum(1))
+        return self.table(jagged)[self.kind]  # (B, d)
+
+
+def fused_table(kind: str, rows: int, d: int, lr: float) -> nn.Module:
+    """TorchRec's FusedEmbeddingBagCollection of one sum-pooled table, row-wise Adagrad fused into backward
+    (FBGEMM's table-batched kernels; torchrec and fbgemm-gpu-cpu are installed without their CUDA wheels:
+    README, "Installing by hand")."""
+    import warnings
+
+    from torchrec import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+    from torchrec.optim import RowWiseAdagrad
+
+    warnings.filterwarnings("ignore", message="is_fx_tracing will return true")  # torchrec's import-time note
+    config = EmbeddingBagConfig(name=kind, embedding_dim=d, num_embeddings=rows, feature_names=[kind],
+                                pooling=PoolingType.SUM)
+    return FusedEmbeddingBagCollection([config], optimizer_type=RowWiseAdagrad, optimizer_kwargs={"lr": lr},
+                                       device=torch.device("cpu"))
 
 
 class Attention(nn.Module):
@@ -145,10 +184,11 @@ class Ranker(nn.Module):
         super().__init__()
         self.config = config
         d, T, h = config["embedding_dim"], config["history_length"], config["history"]
+        fused_lr = config["sparse_lr"] if config.get("tables", "torch") == "torchrec" else None
         self.lookups = nn.ModuleDict({
             kind: ItemLookup(kind, d, rows=config["rows"][kind], codebook_size=config["codebook_size"],
                              parameterization=config["parameterization"], ngram_depth=config["ngram_depth"],
-                             vocabulary=vocabulary if kind == "ie" else None)
+                             vocabulary=vocabulary if kind == "ie" else None, fused_lr=fused_lr)
             for kind in sorted({config["item_ids"], h["item_ids"]})})
         F_ = config["dense_features"]
         self.register_buffer("dense_mean", torch.zeros(F_))
@@ -182,11 +222,12 @@ class Ranker(nn.Module):
         return self.top(torch.cat([x_d, Z], dim=1)).squeeze(1) + f @ self.linear, A
 
     def sparse_parameters(self) -> list[nn.Parameter]:
-        return [lookup.table.weight for lookup in self.lookups.values()]
+        """The tables the training loop's Adagrad steps (TorchRec's fused tables step themselves)."""
+        return [lookup.weight for lookup in self.lookups.values() if not lookup.fused]
 
     def dense_parameters(self) -> list[nn.Parameter]:
-        sparse = {id(p) for p in self.sparse_parameters()}
-        return [p for p in self.parameters() if id(p) not in sparse]
+        tables = {id(lookup.weight) for lookup in self.lookups.values()}
+        return [p for p in self.parameters() if id(p) not in tables]
 
 
 def bce(logits: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

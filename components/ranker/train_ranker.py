@@ -51,13 +51,15 @@ PREDICTIONS = "predictions.parquet"
 # Params that do not change what a champion is: a champion trained under other values of them still serves.
 CADENCE_PARAMS = ("train_end", "retrain_every_days", "promotion", "device")
 AGGREGATIONS = ("bypass", "transformer", "pma")
+TABLES = ("torch", "torchrec")
 
 
 def check_params(p: RankerParams) -> None:
     for name, value, allowed in (("item_ids", p.item_ids, ITEM_IDS), ("history.item_ids", p.history.item_ids, ITEM_IDS),
                                  ("parameterization", p.parameterization, PARAMETERIZATIONS),
                                  ("history.aggregation", p.history.aggregation, AGGREGATIONS),
-                                 ("device", p.device, ("auto", "cpu", "cuda"))):
+                                 ("device", p.device, ("auto", "cpu", "cuda")),
+                                 ("tables", p.tables, TABLES)):
         if value not in allowed:
             raise ParamsError(f"ranker.{name} is {value!r}, expected one of {', '.join(allowed)}")
     if p.epochs < 1:
@@ -96,7 +98,8 @@ def model_config(p: RankerParams, train: Examples, K: int, L: int, vocabulary_si
             "dense_hidden": list(p.dense_hidden), "top_hidden": list(p.top_hidden),
             "history_length": p.history.length,
             "history": {"item_ids": p.history.item_ids, "aggregation": p.history.aggregation,
-                        "seeds": p.history.seeds, "heads": p.history.heads}}
+                        "seeds": p.history.seeds, "heads": p.history.heads},
+            **({"tables": "torchrec", "sparse_lr": p.sparse_lr} if p.tables == "torchrec" else {})}
 
 
 def build_model(p: RankerParams, train: Examples, K: int, L: int, layout: Layout) -> Ranker:
@@ -125,6 +128,10 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
     check_params(p)
     engine.check(engine_params)
     device = pick_device(p.device)
+    if p.tables == "torchrec" and (device.type != "cpu" or engine_params.kind != "local"):
+        raise ParamsError(f"ranker.tables torchrec trains in one process on the CPU here (fbgemm-gpu-cpu), not on "
+                          f"{device.type} with engine.kind {engine_params.kind}: set ranker.device cpu and engine.kind "
+                          f"local, or ranker.tables torch")
     train_window, eval_window = ranker_window(p, layout.validated, as_of)
     store, K, L = current_store(p, layout)
     codebook_version = store.codebook_version if store is not None else None

@@ -26,7 +26,8 @@ def train_passes(model: Ranker, train: Examples, p: RankerParams, device: torch.
     averages the gradients, so every worker takes the whole batch's step; the curve is the workers' mean loss."""
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     dense_opt = torch.optim.Adam(model.dense_parameters(), lr=p.lr)
-    sparse_opt = torch.optim.Adagrad(model.sparse_parameters(), lr=p.sparse_lr)
+    tables = model.sparse_parameters()  # none when TorchRec's fused tables step themselves in backward
+    sparse_opt = torch.optim.Adagrad(tables, lr=p.sparse_lr) if tables else None
     # Adagrad builds its sparse updates from coalesced gradients: torch's note on skipped checks is noise here.
     warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     model.train()
@@ -45,10 +46,11 @@ def train_passes(model: Ranker, train: Examples, p: RankerParams, device: torch.
             else:  # this worker's share of the batch mean, scaled so DDP's average of the workers is that mean
                 loss = bce(logits, batch["label"], reduction="sum") * (world / rows)
             dense_opt.zero_grad(set_to_none=True)
-            sparse_opt.zero_grad(set_to_none=True)
             loss.backward()
             dense_opt.step()
-            sparse_opt.step()
+            if sparse_opt is not None:
+                sparse_opt.step()
+                sparse_opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             if (step + 1) % 50 == 0 or step == steps - 1:
                 curve.append({"step": step + 1, "loss": mean_over_workers(float(np.mean(losses[-50:])), world)})
