@@ -1,10 +1,11 @@
-"""Where the parallel stages run their shard tasks: in this process (engine.kind: local) or on Ray (ray).
+"""Where the parallel stages run: in this process (engine.kind: local) or on Ray (ray).
 
-A stage splits its input into shards (a few row groups of a table each), and a `ShardTask` turns one shard into
-one part of the output table (components/shards.py) plus a small record of what it did. The task's state (the CU
-model, the codebook) is built once per process: once in all on the local engine, once per actor on Ray, where
-`run_shards` hands the shards to a pool of actors through Ray Data's `map_batches`. The same task code runs on
-both engines, so the results do not depend on the engine.
+On Ray a stage splits its input into shards (row ranges of a table, or validate's batches of day partitions), and
+a `ShardTask` turns each shard into a small record of what it did (embed and backfill: plus one part of a sharded
+table, components/shards.py). The task's state (the CU model, the codebook, the item lookup) is built once per
+actor; `run_shards` hands the shards to a pool of actors through Ray Data's `map_batches`. A task calls the same
+functions the local engine runs in one process (embed_with_cache, merge_batch, check_event_batch), so the results
+do not depend on the engine.
 
 ray   `ray.init` once per process: engine.address null starts a local Ray on this machine's CPUs (no dashboard),
       else it joins the cluster at that address, whose nodes need this package installed (infra/Dockerfile).
@@ -17,7 +18,6 @@ import logging
 import os
 
 import numpy as np
-from rich.progress import Progress
 
 from components import errors
 from components.errors import ParamsError, SemidError
@@ -73,13 +73,11 @@ def start_ray(params: EngineParams):
 
 def run_shards(params: EngineParams, task: type[ShardTask], args: tuple, shards: list[dict],
                description: str) -> list[dict]:
-    """`task(*args).run(shard)` for every shard (each with its "index"), on the engine of `params`; the records
-    in shard order."""
+    """`task(*args).run(shard)` for every shard (each with its "index") on Ray actors; the records in shard
+    order, or the first task's SemidError raised here."""
     check(params)
-    if params.kind == "local" or not shards:
-        worker = task(*args)
-        with Progress(disable=len(shards) < 2, transient=True) as progress:
-            return raise_failed([worker.record(s) for s in progress.track(shards, description=description)])
+    if not shards:
+        return []
     ray = start_ray(params)
     from ray.data import ActorPoolStrategy
 
