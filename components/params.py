@@ -141,10 +141,10 @@ class RankerParams:
     embedding_dim: int = 64
     dense_hidden: tuple[int, ...] = (64,)
     top_hidden: tuple[int, ...] = (128, 64)
-    batch_size: int = 256
+    batch_size: int = 1024
     epochs: int = 1  # passes over the training window, each in time order (the paper: one)
-    lr: float = 0.001  # Adam, dense parameters
-    sparse_lr: float = 0.2  # Adagrad, embedding tables (sparse gradients)
+    lr: float = 0.002  # Adam, dense parameters
+    sparse_lr: float = 0.4  # Adagrad, embedding tables (sparse gradients)
     tables: str = "torch"  # "torch" (EmbeddingBag, sparse gradients) | "torchrec" (fused row-wise Adagrad)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"

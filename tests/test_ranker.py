@@ -4,7 +4,7 @@ import torch
 
 from components.ranker import parameterization
 from components.ranker.examples import AGE_BUCKETS
-from components.ranker.model import ItemLookup, Ranker, hash_rows
+from components.ranker.model import Bypass, Gram, History, ItemLookup, Ranker, hash_rows
 
 K, L, T, D = 16, 3, 5, 8
 
@@ -18,14 +18,15 @@ def config(item_ids="semid", history_ids="semid", aggregation="transformer", **k
 
 
 def batch(B=6, seed=0) -> dict[str, torch.Tensor]:
+    """Items 100-109, each with its own codes wherever it appears (as from one SemID store)."""
     g = torch.Generator().manual_seed(seed)
+    item_codes = torch.randint(0, K, (10, L), generator=g)
     hist_item = torch.randint(100, 110, (B, T), generator=g)
     hist_item[:, :2] = -1  # left padding
-    hist_codes = torch.randint(0, K, (B, T, L), generator=g)
-    hist_codes[hist_item < 0] = -1
+    hist_codes = torch.where(hist_item[..., None] < 0, -1, item_codes[hist_item.clamp_min(100) - 100])
+    item_id = torch.randint(100, 110, (B,), generator=g)
     return {"label": torch.randint(0, 2, (B,), generator=g).float(), "dense": torch.randn(B, 2, generator=g),
-            "item_id": torch.randint(100, 110, (B,), generator=g), "codes": torch.randint(0, K, (B, L), generator=g),
-            "hist_item": hist_item, "hist_codes": hist_codes,
+            "item_id": item_id, "codes": item_codes[item_id - 100], "hist_item": hist_item, "hist_codes": hist_codes,
             "hist_age": torch.where(hist_item < 0, 0, torch.randint(1, AGE_BUCKETS, (B, T), generator=g))}
 
 
@@ -68,11 +69,43 @@ def test_rh_rows_are_deterministic_and_inside_the_table():
 
 def test_padding_row_is_zero_and_never_trained():
     lookup = ItemLookup("rh", D, rows=7)
-    out = lookup(torch.tensor([-1, 3]), torch.empty(2, 0, dtype=torch.int64))
+    rows, index = lookup(torch.tensor([-1, 3]), torch.empty(2, 0, dtype=torch.int64))
+    out = rows[index]
     assert torch.all(out[0] == 0)
     out.sum().backward()
     grad = lookup.table.weight.grad.to_dense()
     assert torch.all(grad[7] == 0) and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["semid", "hybrid", "rh", "ie"])
+def test_each_distinct_item_is_pooled_once_and_gathered_back_to_every_position(kind):
+    torch.manual_seed(0)
+    lookup = ItemLookup(kind, D, rows=50, codebook_size=K, parameterization="prefix_ngram", ngram_depth=3,
+                        vocabulary=torch.arange(100, 106))
+    b = batch(B=8)
+    ids, codes = b["hist_item"].flatten(), b["hist_codes"].flatten(0, 1)
+    rows, index = lookup(ids, codes)
+    assert len(rows) == len(ids.unique()) < len(ids)  # 40 positions, at most 11 distinct items (padding included)
+    assert torch.allclose(rows[index], lookup.table(lookup.row_indices(ids, codes)))  # each position's own row sum
+
+
+def test_gram_backward_is_autograds():
+    V = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Gram.apply, (V,))
+    dZ = torch.randn(3, 5, 5, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(Gram.apply(V), V, dZ)
+    (autograds,) = torch.autograd.grad(V @ V.transpose(1, 2), V, dZ)
+    assert torch.allclose(ours, autograds)
+
+
+def test_bypass_on_distinct_rows_is_x_w():
+    torch.manual_seed(0)
+    bypass = Bypass(D, T)
+    items, ages = torch.randn(4, D), torch.randn(AGE_BUCKETS, D)
+    history = History(items, torch.randint(0, 4, (3, T)), ages, torch.randint(0, AGE_BUCKETS, (3, T)))
+    X = items[history.item_index] + ages[history.age_index]  # (3, T, D)
+    Y, _ = bypass(history)
+    assert torch.allclose(Y, X @ bypass.W.weight.T, atol=1e-6)
 
 
 @pytest.mark.parametrize("aggregation", ["bypass", "transformer", "pma"])

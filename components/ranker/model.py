@@ -30,6 +30,7 @@ diagnostics measure how much attention goes to padding, as in the paper.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -101,15 +102,25 @@ class ItemLookup(nn.Module):
                 rows = torch.cat([rows, H + hash_rows(item_id, H)[:, None]], dim=1)  # (B, G + 1)
         return torch.where(pad[:, None], self.rows, rows)
 
-    def forward(self, item_id: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        rows = self.row_indices(item_id, codes)  # (B, G)
+    def forward(self, item_id: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) raw IDs and their (N, L) codes -> the row sums of the distinct items (U, d) and each ID's place
+        among them (N,); `rows.index_select(0, index)` gives the (N, d) embeddings. A batch's histories repeat
+        the same items many times over (one user's consecutive impressions share most of their history), so the
+        table's forward, its sparse gradient and the optimizer's work shrink to the distinct items. An item's
+        codes are the same wherever it appears (one SemID store), so any occurrence's codes stand for all."""
+        unique, index = torch.unique(item_id, return_inverse=True)  # (U,), (N,)
+        occurrence = torch.empty_like(unique).scatter_(0, index, torch.arange(len(item_id), device=item_id.device))
+        return self.pool(self.row_indices(unique, codes[occurrence])), index
+
+    def pool(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U, G) table rows -> (U, d) row sums."""
         if not self.fused:
-            return self.table(rows)  # (B, d)
+            return self.table(rows)
         from torchrec import KeyedJaggedTensor
 
         used = rows != self.rows  # the padding row is left out: an all-padding bag pools to zero
         jagged = KeyedJaggedTensor.from_lengths_sync(keys=[self.kind], values=rows[used], lengths=used.sum(1))
-        return self.table(jagged)[self.kind]  # (B, d)
+        return self.table(jagged)[self.kind]
 
 
 def fused_table(kind: str, rows: int, d: int, lr: float) -> nn.Module:
@@ -147,15 +158,32 @@ class Attention(nn.Module):
         return self.out(y), A
 
 
+class History(NamedTuple):
+    """A batch's user histories as rows to gather, X[b, t] = items[item_index[b, t]] + ages[age_index[b, t]]:
+    the distinct history items' row sums and the age-bucket table A, kept apart so that a map applied to each
+    position alike (bypass) runs on the few distinct rows before the gather."""
+    items: torch.Tensor       # (U, d)
+    item_index: torch.Tensor  # (B, T)
+    ages: torch.Tensor        # (AGE_BUCKETS, d)
+    age_index: torch.Tensor   # (B, T)
+
+    def gather(self, items: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        """(B, T, d): items[item_index] + ages[age_index], for these rows or their images under a linear map."""
+        B, T = self.item_index.shape
+        return (items.index_select(0, self.item_index.flatten())
+                + ages.index_select(0, self.age_index.flatten())).view(B, T, -1)
+
+
 class Bypass(nn.Module):
-    """Y = X W: each history item projected, no mixing across positions."""
+    """Y = X W: each history item projected, no mixing across positions. Computed as (E W)[h] + (A W)[age]:
+    the product runs on the batch's distinct items and the age buckets instead of all B T positions."""
 
     def __init__(self, d: int, T: int):
         super().__init__()
         self.W = nn.Linear(d, d, bias=False)
 
-    def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.W(X), None
+    def forward(self, history: History) -> tuple[torch.Tensor, None]:
+        return history.gather(self.W(history.items), self.W(history.ages)), None
 
 
 class AttentionBlock(nn.Module):
@@ -169,8 +197,8 @@ class AttentionBlock(nn.Module):
         self.attn = Attention(d, heads)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        X = X + self.position  # (B, T, d)
+    def forward(self, history: History) -> tuple[torch.Tensor, torch.Tensor]:
+        X = history.gather(history.items, history.ages) + self.position  # (B, T, d)
         Q = X if self.seeds is None else self.seeds.expand(len(X), -1, -1)  # (B, T or d_s, d)
         y, A = self.attn(self.ln_q(Q), self.ln_kv(X))
         X1 = y + Q
@@ -204,7 +232,8 @@ class Ranker(nn.Module):
         else:
             self.aggregate, m = AttentionBlock(d, T, h["heads"], seeds=h["seeds"]), h["seeds"]
         n = 2 + m
-        self.register_buffer("pairs", torch.triu_indices(n, n, offset=1), persistent=False)
+        i, j = torch.triu_indices(n, n, offset=1)  # the pairs j > i, as positions in the flattened (n, n) products
+        self.register_buffer("pairs", i * n + j, persistent=False)
         self.top = mlp([d + n * (n - 1) // 2, *config["top_hidden"], 1])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -212,13 +241,18 @@ class Ranker(nn.Module):
         B, T = batch["hist_item"].shape
         f = (batch["dense"] - self.dense_mean) / self.dense_std  # (B, F)
         x_d = self.dense(f) if self.dense is not None else self.dense_bias.expand(B, -1)  # (B, d)
-        x_i = self.lookups[self.config["item_ids"]](batch["item_id"], batch["codes"])  # (B, d)
-        history = self.lookups[self.config["history"]["item_ids"]]
-        hist_codes = batch["hist_codes"].flatten(0, 1)  # (B*T, L)
-        X = history(batch["hist_item"].flatten(), hist_codes).view(B, T, -1) + self.age(batch["hist_age"])
-        Y, A = self.aggregate(X)  # (B, m, d)
+        target, history = self.lookups[self.config["item_ids"]], self.lookups[self.config["history"]["item_ids"]]
+        hist_item, hist_codes = batch["hist_item"].flatten(), batch["hist_codes"].flatten(0, 1)  # (B*T,), (B*T, L)
+        if target is history:  # one lookup: an item both target and history item is pooled once, one sparse grad
+            items, index = target(torch.cat([batch["item_id"], hist_item]), torch.cat([batch["codes"], hist_codes]))
+            target_rows, (target_index, hist_index) = items, index.split([B, B * T])
+        else:
+            target_rows, target_index = target(batch["item_id"], batch["codes"])
+            items, hist_index = history(hist_item, hist_codes)
+        x_i = target_rows.index_select(0, target_index)  # (B, d)
+        Y, A = self.aggregate(History(items, hist_index.view(B, T), self.age.weight, batch["hist_age"]))  # (B, m, d)
         V = torch.cat([x_d[:, None], x_i[:, None], Y], dim=1)  # (B, n, d)
-        Z = (V @ V.transpose(1, 2))[:, self.pairs[0], self.pairs[1]]  # (B, n(n-1)/2)
+        Z = Gram.apply(V).flatten(1).index_select(1, self.pairs)  # (B, n(n-1)/2)
         return self.top(torch.cat([x_d, Z], dim=1)).squeeze(1) + f @ self.linear, A
 
     def sparse_parameters(self) -> list[nn.Parameter]:
@@ -228,6 +262,24 @@ class Ranker(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         tables = {id(lookup.weight) for lookup in self.lookups.values()}
         return [p for p in self.parameters() if id(p) not in tables]
+
+
+class Gram(torch.autograd.Function):
+    """V V^T for V (B, n, d), with the backward written out: dV = (dZ + dZ^T) V, one batched product. Autograd's
+    own backward makes two (one per operand) and sums them through a transposed, strided add that costs more
+    than both products on a CPU."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, V: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(V)
+        return V @ V.transpose(1, 2)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dZ: torch.Tensor) -> torch.Tensor:
+        (V,) = ctx.saved_tensors
+        return (dZ + dZ.transpose(1, 2)) @ V
 
 
 def bce(logits: torch.Tensor, label: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -25,7 +25,7 @@ def train_passes(model: Ranker, train: Examples, p: RankerParams, device: torch.
     `rank` of a process group: it trains rows rank, rank + world, ... of each batch and DistributedDataParallel
     averages the gradients, so every worker takes the whole batch's step; the curve is the workers' mean loss."""
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    dense_opt = torch.optim.Adam(model.dense_parameters(), lr=p.lr)
+    dense_opt = torch.optim.Adam(model.dense_parameters(), lr=p.lr, fused=True)  # one kernel for all parameters
     tables = model.sparse_parameters()  # none when TorchRec's fused tables step themselves in backward
     sparse_opt = torch.optim.Adagrad(tables, lr=p.sparse_lr) if tables else None
     # Adagrad builds its sparse updates from coalesced gradients: torch's note on skipped checks is noise here.
