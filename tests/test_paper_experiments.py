@@ -39,8 +39,9 @@ class FakeDvc:
     the first poll and Success (Failed for names in `fail`) after; `dvc exp show --json` gives each run's params
     (as queued, or `params` instead) and metrics."""
 
-    def __init__(self, fail=(), params=None, shown=True, existing=(), finished=()):
+    def __init__(self, fail=(), params=None, shown=True, existing=(), finished=(), orphans=()):
         self.calls, self.queued, self.polls = [], [], 0
+        self.orphans = list(orphans)  # tasks left Running by a killed run: `dvc exp show` fails while they last
         self.fail, self.params, self.shown, self.existing = set(fail), params, shown, list(existing)
         self.finished = list(finished)  # (name, params) of runs an earlier report finished on this commit
 
@@ -50,6 +51,17 @@ class FakeDvc:
         stdout = ""
         if cmd[:4] == ["dvc", "exp", "run", "--queue"]:
             self.queued.append((cmd[-1], dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "-S")))
+        elif cmd[:3] == ["dvc", "queue", "status"] and self.orphans:
+            rows = [f"{i:07x}  {name}  04:48 AM  Running" for i, name in enumerate(self.orphans)]
+            stdout = "Task     Name     Created    Status\n" + "\n".join(rows) + "\n\nWorker status: 0 active, 0 idle\n"
+        elif cmd[:3] == ["dvc", "queue", "kill"]:
+            assert cmd[3] in self.orphans
+        elif cmd[:3] == ["dvc", "queue", "remove"] and cmd[3] in self.orphans:
+            self.orphans.remove(cmd[3])
+        elif cmd[:3] == ["dvc", "exp", "show"] and self.orphans:
+            raise subprocess.CalledProcessError(255, cmd)
+        elif cmd[:3] == ["dvc", "queue", "status"] and not self.queued:  # the runner's check for orphans
+            stdout = "Task     Name     Created    Status\n\nWorker status: 0 active, 0 idle\n"
         elif cmd[:3] == ["dvc", "queue", "status"]:
             self.polls += 1
             rows = [f"{i:07x}  {name}  04:48 AM  "
@@ -86,13 +98,14 @@ def test_run_experiments_queues_them_runs_the_queue_and_reads_exp_show():
     fake, sleeps = FakeDvc(), []
     results = run_experiments(EXPERIMENTS, ["semid_prefix_ngram", "rh"], [0, 1], jobs=2, runner=fake,
                               sleep=sleeps.append)
-    assert fake.calls[0] == ["dvc", "exp", "show", "--json"]  # no earlier experiment of these names: none removed
-    assert fake.calls[1] == ["dvc", "queue", "remove", "--success", "--failed"]
-    assert [c[-1] for c in fake.calls[2:6]] == ["semid_prefix_ngram-s0", "rh-s0", "semid_prefix_ngram-s1", "rh-s1"]
-    assert fake.calls[3] == ["dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=rh", "-S",
+    assert fake.calls[0] == ["dvc", "queue", "status"]  # no task left Running by a killed run
+    assert fake.calls[1] == ["dvc", "exp", "show", "--json"]  # no earlier experiment of these names: none removed
+    assert fake.calls[2] == ["dvc", "queue", "remove", "--success", "--failed"]
+    assert [c[-1] for c in fake.calls[3:7]] == ["semid_prefix_ngram-s0", "rh-s0", "semid_prefix_ngram-s1", "rh-s1"]
+    assert fake.calls[4] == ["dvc", "exp", "run", "--queue", "-S", "ranker.item_ids=rh", "-S",
                              "ranker.history.item_ids=rh", "-S", "ranker.parameterization=prefix_ngram", "-S",
                              "ranker.seed=0", "--name", "rh-s0"]
-    assert fake.calls[6:] == [["dvc", "queue", "start", "-j", "2"], ["dvc", "queue", "status"],
+    assert fake.calls[7:] == [["dvc", "queue", "start", "-j", "2"], ["dvc", "queue", "status"],
                               ["dvc", "queue", "status"], ["dvc", "exp", "show", "--json"]]
     assert len(sleeps) == 1  # one poll found them running
     assert [(r["experiment"], r["seed"], r["ne"]["all"]) for r in results] == [
@@ -103,7 +116,7 @@ def test_run_experiments_queues_them_runs_the_queue_and_reads_exp_show():
 def test_a_second_run_replaces_the_earlier_experiments_of_the_same_names():
     fake = FakeDvc(existing=["rh-s0", "rh-s7", "other"])
     run_experiments(EXPERIMENTS, ["rh"], [0], runner=fake, sleep=lambda s: None)
-    assert fake.calls[1] == ["dvc", "exp", "remove", "rh-s0"]  # only the name this run will use again
+    assert fake.calls[2] == ["dvc", "exp", "remove", "rh-s0"]  # only the name this run will use again
     assert fake.existing == ["rh-s7", "other"]
 
 
@@ -121,7 +134,7 @@ def test_a_rerun_on_the_same_commit_reuses_the_finished_experiments():
 def test_nothing_is_queued_when_every_run_is_finished():
     fake = FakeDvc(finished=[("rh-s0", {**EXPERIMENTS["rh"], "ranker.seed": "0"})])
     assert [r["experiment"] for r in run_experiments(EXPERIMENTS, ["rh"], [0], runner=fake)] == ["rh"]
-    assert fake.calls == [["dvc", "exp", "show", "--json"]] * 2
+    assert fake.calls == [["dvc", "queue", "status"]] + [["dvc", "exp", "show", "--json"]] * 2
 
 
 def test_a_failed_experiment_is_named():
@@ -175,7 +188,7 @@ def test_queued_runs_without_a_worker_get_workers_again():
     def runner(cmd, check, capture_output=False, text=False):
         if cmd[:3] == ["dvc", "queue", "start"]:
             starts.append((cmd, len(polls)))
-        if cmd[:3] == ["dvc", "queue", "status"] and len(starts) < 2:  # until started again: queued, no worker
+        if cmd[:3] == ["dvc", "queue", "status"] and fake.queued and len(starts) < 2:  # queued, no worker
             polls.append(cmd)
             rows = [f"{i:07x}  {name}  04:48 AM  Queued" for i, (name, _) in enumerate(fake.queued)]
             return subprocess.CompletedProcess(cmd, 0, stdout="Task Name Created Status\n" + "\n".join(rows)
@@ -185,3 +198,12 @@ def test_queued_runs_without_a_worker_get_workers_again():
     results = run_experiments(EXPERIMENTS, ["rh"], [0], jobs=3, runner=runner, sleep=lambda s: None)
     start = ["dvc", "queue", "start", "-j", "3"]
     assert starts == [(start, 0), (start, 2)] and [r["experiment"] for r in results] == ["rh"]
+
+
+def test_tasks_left_running_without_a_worker_are_cleared_before_exp_show():
+    dvc = FakeDvc(orphans=["rh-s0"])  # a run killed mid-experiment: DVC still lists it Running, no worker alive
+    results = run_experiments(EXPERIMENTS, ["rh"], [0], runner=dvc, sleep=lambda s: None)
+    assert [r["experiment"] for r in results] == ["rh"] and not results[0]["reused"]
+    first_show = dvc.calls.index(["dvc", "exp", "show", "--json"])
+    assert dvc.calls[:first_show] == [["dvc", "queue", "status"], ["dvc", "queue", "kill", "rh-s0"],
+                                      ["dvc", "queue", "remove", "rh-s0"]]

@@ -100,6 +100,19 @@ def remove_earlier(names: list[str], shown: list, runner: Callable) -> None:
         runner(["dvc", "exp", "remove", *earlier], check=True)
 
 
+def clear_orphans(runner: Callable) -> None:
+    """Kill and remove the tasks DVC lists as Running while no queue worker is alive: a run killed mid-experiment
+    (its workers stopped with the machine) leaves one behind, and `dvc exp show` fails until it is gone. Its
+    experiment is not finished, so it is queued again like any other."""
+    status, workers = queue_status(runner)
+    orphans = sorted(name for name, state in status.items() if state == "Running")
+    if orphans and workers == 0:
+        log.warning("clearing task(s) left Running without a queue worker: %s", ", ".join(orphans))
+        for name in orphans:
+            runner(["dvc", "queue", "kill", name], check=True)
+            runner(["dvc", "queue", "remove", name], check=True)
+
+
 def show(runner: Callable) -> list:
     return json.loads(runner(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
 
@@ -114,6 +127,7 @@ def run_experiments(experiments: dict[str, dict[str, str]], names: Sequence[str]
     if unknown:
         raise SemidError(f"unknown experiment(s) {unknown}; expected some of {list(experiments)}")
     runs = [(name, seed) for seed in seeds for name in names]
+    clear_orphans(runner)
     earlier = show(runner)
     done = finished(earlier, runs, experiments)
     if done:
