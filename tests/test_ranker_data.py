@@ -159,7 +159,7 @@ def test_codes_come_from_the_store_and_missing_ones_are_counted_or_refused():
     store = store_of({10: (1, 2, 3), 12: (4, 5, 6), 99: (7, 8, 9)}, path="data/semids/semids.parquet")
     ex = build_examples(events, clicks_of(events), store, history_length=2, missing_semid="rh")
     assert ex.codes.tolist() == [[1, 2, 3], [-1, -1, -1], [4, 5, 6], [-1, -1, -1]]
-    assert ex.missing_semid == 2 and ex.codes.dtype == np.int64
+    assert ex.missing_semid == 2 and ex.codes.dtype == np.int16 and ex.hist_codes.dtype == np.int16  # the store's type
     assert ex.hist_codes[2].tolist() == [[1, 2, 3], [-1, -1, -1]]  # item 11 has no SemID: -1, not counted
     assert ex.hist_codes[0].tolist() == [[-1, -1, -1]] * 2  # padding
 

@@ -50,7 +50,7 @@ US_PER_HOUR = 3_600_000_000
 # lookup by its whole hours q: bit_length(1 + q), clamped; q >= 2^(AGE_BUCKETS - 2) - 1 all share the last
 # bucket. The extra last entry, 0, is the padding's: it is read at index -1 (see `age_bucket`).
 AGE_CAP = 2 ** (AGE_BUCKETS - 2) - 1
-AGE_OF_HOURS = np.array([min((1 + q).bit_length(), AGE_BUCKETS - 1) for q in range(AGE_CAP + 1)] + [0])
+AGE_OF_HOURS = np.array([min((1 + q).bit_length(), AGE_BUCKETS - 1) for q in range(AGE_CAP + 1)] + [0], np.int8)
 
 
 # ---------------------------------------------------------------------------------------------- window
@@ -124,10 +124,11 @@ class Examples:
     item_id: np.ndarray  # (N,) int64 raw ID of the target item
     label: np.ndarray  # (N,) float32 clicked
     dense: np.ndarray  # (N, F) float32, columns dense_columns (sorted f_* names, then USER_COUNTERS)
-    codes: np.ndarray  # (N, L) int64 SemID codes of the target item; -1 where it has none; L = 0 without a store
+    codes: np.ndarray  # (N, L) SemID codes of the target item (the store's int16 or int32); -1 where it has none;
+    # L = 0 without a store
     hist_item: np.ndarray  # (N, T) int64 the user's last T clicks before ts, oldest first, left-padded with -1
-    hist_codes: np.ndarray  # (N, T, L) int64 codes of those items, -1 for padding or an item without a SemID
-    hist_age: np.ndarray  # (N, T) int64 age bucket of each history click, 0 for padding
+    hist_codes: np.ndarray  # (N, T, L) codes of those items, -1 for padding or an item without a SemID
+    hist_age: np.ndarray  # (N, T) int8 age bucket of each history click, 0 for padding
     dense_columns: list[str]
     missing_semid: int  # events whose target item has no SemID
 
@@ -155,7 +156,8 @@ class Examples:
 
     @staticmethod
     def concat(parts: list[Examples]) -> Examples:
-        """The parts one after the other (callers pass them in time order)."""
+        """The parts one after the other (callers pass them in time order). The parts are used up: each array is
+        released once copied, so the peak is the result plus one field of the parts, not twice the result."""
         if not parts:
             raise ValueError("Examples.concat needs at least one part")
         first = parts[0]
@@ -163,8 +165,12 @@ class Examples:
             if part.dense_columns != first.dense_columns:
                 raise DataError(f"events change their dense features from {first.dense_columns} to "
                                 f"{part.dense_columns}; every events file must carry the same f_* columns")
-        arrays = {f.name: np.concatenate([getattr(part, f.name) for part in parts])
-                  for f in dataclasses.fields(Examples) if f.name not in ("dense_columns", "missing_semid")}
+        arrays = {}
+        for f in dataclasses.fields(Examples):
+            if f.name not in ("dense_columns", "missing_semid"):
+                arrays[f.name] = np.concatenate([getattr(part, f.name) for part in parts])
+                for part in parts:
+                    setattr(part, f.name, None)
         return Examples(**arrays, dense_columns=list(first.dense_columns),
                         missing_semid=sum(part.missing_semid for part in parts))
 
@@ -178,14 +184,15 @@ def age_bucket(age_us: np.ndarray) -> np.ndarray:
 
 
 def semid_codes(item_id: pl.Series, store: SemIdStore | None) -> tuple[np.ndarray, np.ndarray]:
-    """(codes (n, L) int64, -1 rows for items without a SemID; found (n,) bool), through the store's join;
-    L = 0 without a store."""
+    """(codes (n, L) in the store's integer type (int16 up to K = 32,768: a history's codes are most of an
+    example's bytes), -1 rows for items without a SemID; found (n,) bool), through the store's join; L = 0 without
+    a store."""
     if store is None:
-        return np.empty((len(item_id), 0), np.int64), np.zeros(len(item_id), bool)
+        return np.empty((len(item_id), 0), np.int16), np.zeros(len(item_id), bool)
     columns = store.code_columns
     joined = join_semids(item_id.to_frame("item_id"), store, store.codebook_version)
     found = joined[columns[0]].is_not_null().to_numpy()
-    return joined.select(pl.col(columns).cast(pl.Int64).fill_null(PAD)).to_numpy(order="c"), found
+    return joined.select(pl.col(columns).fill_null(PAD)).to_numpy(order="c"), found
 
 
 def check_missing_semid(missing_semid: str) -> None:
@@ -199,7 +206,7 @@ class ClickHistory:
     row M (one past the last click) is the padding, with item -1, codes -1 and a time after every event."""
     by_ts: pl.DataFrame  # ts, user_id, first, end: the click's row + 1 (end) and its user's first row, by ts
     item: np.ndarray  # (M + 1,) int64
-    codes: np.ndarray  # (M + 1, L) int64
+    codes: np.ndarray  # (M + 1, L) the store's code type
     ts: np.ndarray  # (M + 1,) int64 microseconds
 
 
@@ -213,7 +220,7 @@ def click_history(clicks: pl.DataFrame, store: SemIdStore | None) -> ClickHistor
              .sort("ts", "end"))  # among clicks at one ts the as-of join takes the last row: the newest
     codes = semid_codes(clicks["item_id"], store)[0]
     return ClickHistory(by_ts, item=np.r_[clicks["item_id"].to_numpy(), PAD],
-                        codes=np.concatenate([codes, np.full((1, codes.shape[1]), PAD)]),
+                        codes=np.concatenate([codes, np.full((1, codes.shape[1]), PAD, codes.dtype)]),
                         ts=np.r_[clicks["ts"].to_numpy(), PAD_TS])
 
 

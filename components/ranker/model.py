@@ -250,7 +250,8 @@ class Ranker(nn.Module):
             target_rows, target_index = target(batch["item_id"], batch["codes"])
             items, hist_index = history(hist_item, hist_codes)
         x_i = target_rows.index_select(0, target_index)  # (B, d)
-        Y, A = self.aggregate(History(items, hist_index.view(B, T), self.age.weight, batch["hist_age"]))  # (B, m, d)
+        ages = batch["hist_age"].long()  # int8 in the examples
+        Y, A = self.aggregate(History(items, hist_index.view(B, T), self.age.weight, ages))  # (B, m, d)
         V = torch.cat([x_d[:, None], x_i[:, None], Y], dim=1)  # (B, n, d)
         Z = Gram.apply(V).flatten(1).index_select(1, self.pairs)  # (B, n(n-1)/2)
         return self.top(torch.cat([x_d, Z], dim=1)).squeeze(1) + f @ self.linear, A
