@@ -110,8 +110,10 @@ def compare(roots: dict[str, Path]) -> dict:
     for name, b in others:
         read = lambda root, path: pl.read_parquet(shards.files(root / path))  # noqa: E731
         ea, eb = read(a, "data/embeddings/items.parquet"), read(b, "data/embeddings/items.parquet")
-        version = json.loads((a / "reports" / "rqvae" / "record.json").read_text())["codebook_version"]
-        store = f"data/semids/{version}.parquet"
+        # each workspace's own codebook: its version hashes its inputs' files, which differ in layout (one file
+        # or shards) even when their rows are the same
+        store = lambda root: read(root, "data/semids/" + json.loads(  # noqa: E731
+            (root / "reports" / "rqvae" / "record.json").read_text())["codebook_version"] + ".parquet").sort("item_id")
         ne = [json.loads((r / "metrics" / "ranker.json").read_text())["ne"]["all"] for r in (a, b)]
         out[f"{first}_vs_{name}"] = {
             "validation_identical": (a / "metrics" / "validation.json").read_text()
@@ -119,7 +121,9 @@ def compare(roots: dict[str, Path]) -> dict:
             "embedding_max_abs_diff": float(np.abs(np.stack(ea["vector"].to_numpy())
                                                    - np.stack(eb["vector"].to_numpy())).max())
             if ea["item_id"].equals(eb["item_id"]) else None,
-            "semids_identical": read(a, store).equals(read(b, store)),
+            "semids_identical": store(a).equals(store(b)),
+            "rqvae_metrics_identical": (a / "metrics" / "rqvae.json").read_text()
+            == (b / "metrics" / "rqvae.json").read_text(),
             "ne_all": {first: ne[0], name: ne[1]},
         }
     return out
@@ -153,8 +157,8 @@ def main() -> None:
     for engine, root in roots.items():
         figures[engine] = {}
         for stage in STAGES:
-            console.print(f"{engine}: semid {stage}")
             figures[engine][stage] = run_stage(stage, root)
+            console.print(f"{engine}: semid {stage}: {figures[engine][stage]}")
     results = compare(roots) if len(roots) > 1 else {}
 
     table = Table(title=f"the loop at world.scale {args.scale:g}: {items:,} items, {events:,} impressions "
