@@ -84,7 +84,8 @@ from components.ranker.examples import (  # noqa: E402
     ranker_window,
 )
 from components.ranker.model import Ranker, bce  # noqa: E402
-from revision_training import build_model, ne_after_training, training_rate  # noqa: E402
+from components.ranker.train_ranker import initial_model  # noqa: E402
+from revision_training import ne_after_training, training_rate, vocabulary_layout  # noqa: E402
 from components.semid.store import SemIdStore, code_columns, code_dtype  # noqa: E402
 from components.storage import DataDir, Layout  # noqa: E402
 from components.window import Window  # noqa: E402
@@ -350,8 +351,8 @@ def main() -> None:
         train, figures, history_s = time_pipeline(data, window, store, p, args.repeats, progress)
         evaluation = load_examples(data, *eval_window, store, p, "evaluation")
         n = min(len(train), args.examples or (CPU_EXAMPLES if device.type == "cpu" else len(train)))
-        build = lambda q, rows=None: build_model(q, train, vocabulary, CODEBOOK_SIZE, LEVELS,  # noqa: E731
-                                                 rows).to(device)
+        build = lambda q, rows=None: initial_model(q, train, CODEBOOK_SIZE, LEVELS, vocabulary,  # noqa: E731
+                                                   rows).to(device)
 
         task = progress.add_task(f"baseline: {args.baseline_rev}'s code at batch {today.batch_size} (subprocess)",
                                  total=1)
@@ -383,7 +384,8 @@ def main() -> None:
         ne = None
         if args.ne:
             task = progress.add_task("NE: the default trained on the whole window", total=1)
-            ne = ne_after_training(p, train, evaluation, vocabulary, CODEBOOK_SIZE, LEVELS, device)
+            ne = ne_after_training(p, train, evaluation, vocabulary_layout(vocabulary, Path(tmp) / "layout"),
+                                   CODEBOOK_SIZE, LEVELS, device)
             progress.update(task, completed=1)
         task = progress.add_task("the machine's matmul rate", total=1)
         matmul = matmul_gflops(device)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pickle
+import tempfile
+from pathlib import Path
 
-import numpy as np
+import polars as pl
 import torch
 
 from components.params import RankerParams
@@ -23,27 +24,25 @@ from components.ranker.evaluation import predict
 from components.ranker.examples import Examples
 from components.ranker.metrics import normalized_entropy
 from components.ranker.model import Ranker
-from components.ranker.train_ranker import model_config
+from components.ranker.train_ranker import build_model
 from components.ranker.training import train_passes
+from components.storage import Layout
 
 
-def build_model(p: RankerParams, train: Examples, vocabulary: torch.Tensor, K: int, L: int,
-                rows: int | None = None) -> Ranker:
-    """The ranker as run_train_ranker builds it (seeded, dense features standardised on the training examples,
-    output bias at the base rate's logit); `rows` resizes the rh and SemID tables."""
-    torch.manual_seed(p.seed)
-    config = model_config(p, train, K, L, len(vocabulary))
-    if rows is not None:
-        config["rows"]["rh"] = config["rows"]["semid"] = rows
-    model = Ranker(config, vocabulary)
-    dense = torch.from_numpy(train.dense)
-    if dense.shape[1]:
-        model.dense_mean.copy_(dense.mean(0))
-        model.dense_std.copy_(dense.std(0).clamp_min(1e-6))
-    rate = float(np.clip(train.label.mean(), 1e-4, 1 - 1e-4))
-    with torch.no_grad():
-        model.top[-1].bias.fill_(math.log(rate / (1 - rate)))
-    return model
+def vocabulary_layout(vocabulary: torch.Tensor, directory: Path) -> Layout:
+    """A workspace whose validated items are `vocabulary`: where train_ranker.build_model (in every revision) reads
+    the IE vocabulary."""
+    layout = Layout(directory)
+    layout.validated.items.parent.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"item_id": vocabulary.numpy()}).write_parquet(layout.validated.items)
+    return layout
+
+
+def widened(examples: Examples) -> Examples:
+    """Codes and age buckets as int64, as every revision reads them (the compact types came with 6a02e77)."""
+    return dataclasses.replace(examples, codes=examples.codes.astype("int64"),
+                               hist_codes=examples.hist_codes.astype("int64"),
+                               hist_age=examples.hist_age.astype("int64"))
 
 
 def training_rate(model: Ranker, train: Examples, p: RankerParams, device: torch.device, timed: int,
@@ -54,10 +53,11 @@ def training_rate(model: Ranker, train: Examples, p: RankerParams, device: torch
     return result["examples"], result["examples"] / result["examples_per_s"]  # the stage's own figure
 
 
-def ne_after_training(p: RankerParams, train: Examples, evaluation: Examples, vocabulary: torch.Tensor, K: int,
-                      L: int, device: torch.device) -> float:
-    """A fresh model trained as the stage trains it on the whole training window; its NE on the evaluation one."""
-    model = build_model(p, train, vocabulary, K, L).to(device)
+def ne_after_training(p: RankerParams, train: Examples, evaluation: Examples, layout: Layout, K: int, L: int,
+                      device: torch.device) -> float:
+    """A fresh model built and trained as the stage does on the whole training window; its NE on the evaluation
+    one."""
+    model = build_model(p, train, K, L, layout).to(device)
     train_passes(model, train, p, device)
     probs, _ = predict(model, evaluation, 4096, device)
     return normalized_entropy(evaluation.label, probs)
@@ -79,12 +79,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with open(args.examples, "rb") as f:
         train, evaluation, vocabulary, K, L = pickle.load(f)
+    train, evaluation = widened(train), widened(evaluation)
     p = dataclasses.replace(RankerParams(), device=args.device, batch_size=args.batch_size, lr=args.lr,
                             sparse_lr=args.sparse_lr)
     device = torch.device(args.device)
-    examples, seconds = training_rate(build_model(p, train, vocabulary, K, L).to(device), train, p, device,
-                                      args.timed, args.warmup_batches)
-    ne = ne_after_training(p, train, evaluation, vocabulary, K, L, device) if args.ne else None
+    with tempfile.TemporaryDirectory() as directory:
+        layout = vocabulary_layout(vocabulary, Path(directory))
+        examples, seconds = training_rate(build_model(p, train, K, L, layout).to(device), train, p, device,
+                                          args.timed, args.warmup_batches)
+        ne = ne_after_training(p, train, evaluation, layout, K, L, device) if args.ne else None
     print(json.dumps({"examples_per_s": examples / seconds, "examples": examples, "ne": ne}))
 
 

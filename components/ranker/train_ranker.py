@@ -103,11 +103,21 @@ def model_config(p: RankerParams, train: Examples, K: int, L: int, vocabulary_si
 
 
 def build_model(p: RankerParams, train: Examples, K: int, L: int, layout: Layout) -> Ranker:
-    """A fresh Ranker for the training examples, seeded by ranker.seed, dense features standardised on them."""
-    torch.manual_seed(p.seed)
+    """A fresh Ranker for the training examples, its IE vocabulary the validated items."""
     vocabulary = torch.from_numpy(np.sort(pl.read_parquet(layout.validated.items, columns=["item_id"])
                                           ["item_id"].to_numpy()))
-    model = Ranker(model_config(p, train, K, L, len(vocabulary)), vocabulary)
+    return initial_model(p, train, K, L, vocabulary)
+
+
+def initial_model(p: RankerParams, train: Examples, K: int, L: int, vocabulary: torch.Tensor,
+                  rows: int | None = None) -> Ranker:
+    """A fresh Ranker seeded by ranker.seed, dense features standardised on the training examples; `rows` sizes
+    the rh and SemID tables instead of the training items (benchmarks/ranker.py's large-table figure)."""
+    torch.manual_seed(p.seed)
+    config = model_config(p, train, K, L, len(vocabulary))
+    if rows is not None:
+        config["rows"]["rh"] = config["rows"]["semid"] = rows
+    model = Ranker(config, vocabulary)
     dense = torch.from_numpy(train.dense)
     if dense.shape[1]:
         model.dense_mean.copy_(dense.mean(0))
