@@ -200,7 +200,7 @@ class EngineParams:
     kind: str = "local"  # "local" (this process, one-file tables) | "ray" (Ray actors, sharded tables)
     address: str | None = None  # Ray: None starts a local Ray on demand; "auto" or ray://host:10001 joins a cluster
     workers: int | None = None  # Ray actors per stage; None: one per CPU of the cluster
-    shard_rows: int = 1_000_000  # Ray: rows per shard task, and so per part of a sharded table
+    shard_rows: int = 50_000  # Ray: rows per shard task (and per part of a sharded table): many shards per worker
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,3 +283,21 @@ def test_minilm_embeds_topics_apart_and_reruns_identically(tmp_path):
     assert sim[0, 1] > sim[0, 25]  # two headphone ads are closer than a headphone ad and a sneaker ad
     nearest = np.where(np.eye(50, dtype=bool), -np.inf, sim).argmax(axis=1)
     assert ((nearest < 25) == (np.arange(50) < 25)).all()
+
+
+def test_minilm_vector_depends_on_the_text_alone_not_on_its_batch():
+    """Texts of many lengths encoded together, in two calls, shuffled and one by one give the same floats: the
+    shard a text lands in (Ray engine) cannot change its vector, and so the codebook trained on it."""
+    texts = make_titles(load_taxonomy(), np.arange(40) % 8, np.random.default_rng(1))
+    texts += [texts[3] + " with a longer description", "x"]
+    together = embed_texts(texts, "minilm", 16)
+    split = np.concatenate([embed_texts(texts[:17], "minilm", 16), embed_texts(texts[17:], "minilm", 5)])
+    order = np.random.default_rng(2).permutation(len(texts))
+    shuffled = np.empty_like(together)
+    shuffled[order] = embed_texts([texts[i] for i in order], "minilm", 16)
+    singly = np.concatenate([embed_texts([t], "minilm", 16) for t in texts[::7]])
+
+    assert together.shape == (42, 384) and len({len(t) for t in texts}) > 10  # lengths vary
+    assert np.array_equal(split, together) and np.array_equal(shuffled, together)
+    assert np.array_equal(singly, together[::7])
+    assert embed_texts([], "minilm", 16).shape == (0, 384)

