@@ -1,7 +1,7 @@
 """What the loop would cost at production size, from the rates `benchmarks/scale.py` measured on this machine.
 
-    python benchmarks/scale.py --keep /tmp/scale20 --set rqvae.max_collision_rate=0.6 | tee /tmp/scale20/scale.log
-    python benchmarks/cost_model.py --scale-log /tmp/scale20/scale.log --workspace /tmp/scale20
+    python benchmarks/scale.py --keep /tmp/scale20 --set rqvae.max_collision_rate=0.6 | tee /tmp/scale20.log
+    python benchmarks/cost_model.py --scale-log /tmp/scale20.log --workspace /tmp/scale20
 
 Each stage's rate is its work (read from the kept workspaces: events validated, texts encoded, items backfilled,
 ranker examples) over its measured wall seconds, whole stage included (process start, reads, writes): a
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -51,10 +52,12 @@ def last_json(log: Path) -> dict:
     return json.loads(lines[-1])
 
 
-def work_done(root: Path, shard_rows: int | None) -> dict[str, int]:
-    """Units of work each stage did in a kept workspace. Texts encoded: distinct texts, per shard on Ray (each
-    shard deduplicates only its own texts)."""
+def work_done(root: Path) -> dict[str, int]:
+    """Units of work each stage did in a kept workspace. Texts encoded: distinct texts, per shard of the
+    workspace's engine.shard_rows on Ray (each shard deduplicates only its own texts)."""
     metrics = lambda name: json.loads((root / "metrics" / f"{name}.json").read_text())  # noqa: E731
+    engine = yaml.safe_load((root / "params.yaml").read_text())["engine"]
+    shard_rows = engine["shard_rows"] if engine["kind"] == "ray" else None
     items = pl.read_parquet(shards.files(root / "data" / "validated" / "items.parquet"),
                             columns=["item_id", "text"]).sort("item_id")
     if shard_rows is None:
@@ -76,12 +79,11 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, required=True, help="scale.py's --keep directory")
     parser.add_argument("--engine", default="ray", choices=("local", "ray"),
                         help="whose rates to project (ray: per worker; local: per core of one process)")
-    parser.add_argument("--shard-rows", type=int, default=50_000, help="engine.shard_rows of the Ray run")
     args = parser.parse_args()
 
     run = last_json(args.scale_log)
     cores = run["cpus"]
-    work = work_done(args.workspace / args.engine, args.shard_rows if args.engine == "ray" else None)
+    work = work_done(args.workspace / args.engine)
     rates = {stage: work[stage] / run["stages"][args.engine][stage]["seconds"] / cores for stage in WORKLOADS}
 
     table = Table(title=f"projection from world.scale {run['scale']:g} on {cores} cores ({args.engine} engine); "
