@@ -146,6 +146,7 @@ class RankerParams:
     lr: float = 0.002  # Adam, dense parameters
     sparse_lr: float = 0.4  # Adagrad, embedding tables (sparse gradients)
     tables: str = "torch"  # "torch" (EmbeddingBag, sparse gradients) | "torchrec" (fused row-wise Adagrad)
+    sharding: str = "row_wise"  # torchrec tables on engine.kind ray: "row_wise" | "table_wise" (DMP)
     seed: int = 0
     device: str = "auto"  # "auto" (CUDA when present) | "cpu" | "cuda"
     history: HistoryParams = HistoryParams()

@@ -10,7 +10,9 @@ import pytest
 from components import engine, shards
 from components.data.validation import run_validate
 from components.errors import DataError, ParamsError, ValidationFailed
-from components.params import BackfillParams, EngineParams, ValidationParams
+from components.params import BackfillParams, EngineParams, RankerParams, ValidationParams
+from components.ranker.promotion import load_ranker
+from components.ranker.sharding import SHARDINGS
 from components.ranker.train_ranker import run_train_ranker
 from components.semid.backfill import run_backfill
 from components.semid.embedding import VERSION_KEY, run_embed
@@ -268,12 +270,16 @@ def test_validate_on_ray_fails_the_gate_like_local_and_keeps_the_last_good_data(
 # ---------------------------------------------------------------------------------------------- train_ranker
 
 
+def train_in_copy(source: Layout, layout: Layout, p: RankerParams, engine_params: EngineParams) -> dict:
+    """train_ranker on a copy of `source`'s workspace at `layout`, so each run starts from the same files."""
+    shutil.copytree(source.root, layout.root)
+    return run_train_ranker(p, layout, engine_params=engine_params)
+
+
 def test_train_ranker_on_ray_lands_within_the_seed_spread_of_one_process(prepared, tmp_path, ray_engine):  # noqa: F811
     """Two data-parallel workers (DDP, gloo, sparse table gradients) against one process at seeds 0, 1, 2."""
     def ne(seed: int, engine_params: EngineParams, name: str) -> dict:
-        layout = Layout(tmp_path / name)
-        shutil.copytree(prepared.root, layout.root)
-        return run_train_ranker(dataclasses.replace(SMALL, seed=seed), layout, engine_params=engine_params)
+        return train_in_copy(prepared, Layout(tmp_path / name), dataclasses.replace(SMALL, seed=seed), engine_params)
 
     local = [ne(seed, LOCAL, f"local-{seed}") for seed in (0, 1, 2)]
     ray = ne(0, ray_engine, "ray")
@@ -283,3 +289,21 @@ def test_train_ranker_on_ray_lands_within_the_seed_spread_of_one_process(prepare
     assert abs(ray["ne"]["all"] - spread[0]) <= max(spread) - min(spread)
     assert [c["step"] for c in ray["loss_curve"]] == [c["step"] for c in local[0]["loss_curve"]]
     assert not list((tmp_path / "ray" / "models").glob(".*"))  # Ray Train's run directory is gone
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_torchrec_tables_sharded_over_ray_workers_land_near_one_process(sharding, prepared, tmp_path,  # noqa: F811
+                                                                         ray_engine):
+    """ranker.tables torchrec on two Ray workers: DistributedModelParallel shards the tables (ranker.sharding;
+    tests/test_sharding.py checks the step itself), the model comes back whole and evaluates like one process's
+    at the same seed (within the torchrec-vs-torch tolerance of tests/test_train_ranker.py)."""
+    p = dataclasses.replace(SMALL, tables="torchrec", sharding=sharding)
+    local = train_in_copy(prepared, Layout(tmp_path / "local"), p, LOCAL)
+    ray = train_in_copy(prepared, Layout(tmp_path / "ray"), p, ray_engine)
+    print(f"NE all: one process {local['ne']['all']}, ray {sharding} {ray['ne']['all']}")
+    assert ray["throughput"]["device"] == "ray: 2 cpu worker(s)"
+    assert abs(ray["ne"]["all"] - local["ne"]["all"]) < 0.01 and ray["ne"]["all"] < 1
+    model, ckpt = load_ranker(tmp_path / "ray" / "models" / "ranker" / f"{ray['model_version']}.pt")
+    assert ckpt["params"]["sharding"] == sharding
+    for lookup in model.lookups.values():
+        assert lookup.fused and lookup.weight.shape[0] == lookup.rows + 1  # every row, the padding row included

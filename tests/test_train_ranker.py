@@ -189,6 +189,8 @@ def test_bad_params_name_the_key(world):
         run_train_ranker(dataclasses.replace(SMALL, item_ids="hashed"), world)
     with pytest.raises(ParamsError, match="ranker.parameterization"):
         run_train_ranker(dataclasses.replace(SMALL, parameterization="fourgram"), world)  # L = 3
+    with pytest.raises(ParamsError, match="ranker.sharding is 'column_wise', expected one of row_wise, table_wise"):
+        run_train_ranker(dataclasses.replace(SMALL, tables="torchrec", sharding="column_wise"), world)
 
 
 def test_exact_copies_are_paired_by_content_hash(world):

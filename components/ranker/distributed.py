@@ -2,11 +2,13 @@
 
 Every worker builds the same model from the same initial weights, takes an equal slice of each global batch
 (rows rank, rank + N, ... of ranker.batch_size consecutive examples) and trains it through `train_passes`, where
-DistributedDataParallel averages the gradients: each step applies the full batch's mean gradient, as one
-process would, up to float summation order. Backend gloo on CPU workers, where the embedding tables' sparse
-gradients stay sparse in the all-reduce. NCCL has no sparse all-reduce, so GPU workers are not offered here.
-Worker 0 hands the trained weights back through a Ray Train checkpoint; evaluation and promotion stay with the
-stage, in the driver.
+the workers' gradients sum to the full batch's mean gradient: each step is the one process's step, up to float
+summation order. Backend gloo on CPU workers. Torch tables are replicated and their sparse gradients stay sparse
+in DistributedDataParallel's all-reduce; TorchRec tables (ranker.tables: torchrec) are sharded over the workers
+by DistributedModelParallel instead (components/ranker/sharding.py), so a table need not fit one worker. NCCL
+has no sparse all-reduce and fbgemm-gpu-cpu has no GPU kernels, so GPU workers are not offered here.
+Worker 0 hands the trained weights back through a Ray Train checkpoint (sharded tables gathered whole);
+evaluation and promotion stay with the stage, in the driver.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from components.params import EngineParams, RankerParams
 from components.ranker.examples import Examples
 from components.ranker.model import Ranker
 from components.ranker.promotion import build_ranker
+from components.ranker.sharding import gathered_state
 from components.ranker.training import train_passes
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,11 @@ def train_worker(config: dict) -> None:
     model = build_ranker(config["model_config"])
     model.load_state_dict(config["state"])
     training = train_passes(model, ray.get(config["examples"]), config["params"], torch.device("cpu"), rank, world)
+    fused = any(lookup.fused for lookup in model.lookups.values())
+    state = gathered_state(model, rank) if fused else model.state_dict()  # sharded tables: gathered on worker 0
     if rank == 0:
         with tempfile.TemporaryDirectory() as directory:
-            torch.save(model.state_dict(), Path(directory) / WEIGHTS)
+            torch.save(state, Path(directory) / WEIGHTS)
             ray.train.report({"seconds": training["seconds"], "loss_curve": training["loss_curve"]},
                              checkpoint=ray.train.Checkpoint.from_directory(directory))
     else:
@@ -68,7 +73,8 @@ def train_on_ray(model: Ranker, train: Examples, p: RankerParams, engine_params:
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
             torch_config=TorchConfig(backend="gloo"),
             run_config=RunConfig(name="train_ranker", storage_path=str(Path(storage).resolve())))
-        log.info("training on Ray: %d data-parallel worker(s), gloo", workers)
+        log.info("training on Ray: %d data-parallel worker(s), gloo%s", workers,
+                 f", TorchRec tables {p.sharding}" if p.tables == "torchrec" else "")
         result = trainer.fit()
         with result.checkpoint.as_directory() as directory:
             model.load_state_dict(torch.load(Path(directory) / WEIGHTS, weights_only=True))

@@ -53,7 +53,9 @@ class ItemLookup(nn.Module):
     zero and never trained (EmbeddingBag's padding_idx, or left out of TorchRec's jagged input), used for history
     padding and unused slots. `fused_lr` set: the table is TorchRec's FusedEmbeddingBagCollection, whose
     row-wise Adagrad at that rate updates the rows a batch touched during backward (ranker.tables: torchrec);
-    else a torch EmbeddingBag with sparse gradients for the training loop's Adagrad."""
+    else a torch EmbeddingBag with sparse gradients for the training loop's Adagrad. `equal_bags`: the table is
+    sharded row-wise over workers (components/ranker/sharding.py), whose gloo collectives need every worker to
+    pool as many bags: this one pads its bags with empty ones up to the largest count."""
 
     def __init__(self, kind: str, d: int, rows: int, codebook_size: int = 0, parameterization: str = "",
                  ngram_depth: int | None = None, vocabulary: torch.Tensor | None = None,
@@ -61,6 +63,7 @@ class ItemLookup(nn.Module):
         super().__init__()
         self.kind, self.rows, self.K = kind, rows, codebook_size
         self.parameterization, self.ngram_depth = parameterization, ngram_depth
+        self.equal_bags = False
         # ie: sorted raw IDs; row i belongs to vocabulary[i], row len(vocabulary) to every unknown ID
         self.register_buffer("vocabulary", vocabulary if vocabulary is not None else torch.empty(0, dtype=torch.int64))
         if fused_lr is None:
@@ -118,9 +121,14 @@ class ItemLookup(nn.Module):
             return self.table(rows)
         from torchrec import KeyedJaggedTensor
 
+        bags = len(rows)
+        if self.equal_bags:
+            most = torch.tensor(bags)
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+            rows = F.pad(rows, (0, 0, 0, int(most) - bags), value=self.rows)
         used = rows != self.rows  # the padding row is left out: an all-padding bag pools to zero
         jagged = KeyedJaggedTensor.from_lengths_sync(keys=[self.kind], values=rows[used], lengths=used.sum(1))
-        return self.table(jagged)[self.kind]
+        return self.table(jagged)[self.kind][:bags]
 
 
 def fused_table(kind: str, rows: int, d: int, lr: float) -> nn.Module:

@@ -37,6 +37,7 @@ from components.ranker.model import Ranker
 from components.ranker.parameterization import NAMES as PARAMETERIZATIONS
 from components.ranker.parameterization import row_indices
 from components.ranker.promotion import load_ranker, promote, save_ranker
+from components.ranker.sharding import SHARDINGS
 from components.ranker.training import train_passes
 from components.semid import rqvae
 from components.semid.store import SemIdStore, open_store, read_store
@@ -59,7 +60,7 @@ def check_params(p: RankerParams) -> None:
                                  ("parameterization", p.parameterization, PARAMETERIZATIONS),
                                  ("history.aggregation", p.history.aggregation, AGGREGATIONS),
                                  ("device", p.device, ("auto", "cpu", "cuda")),
-                                 ("tables", p.tables, TABLES)):
+                                 ("tables", p.tables, TABLES), ("sharding", p.sharding, SHARDINGS)):
         if value not in allowed:
             raise ParamsError(f"ranker.{name} is {value!r}, expected one of {', '.join(allowed)}")
     if p.epochs < 1:
@@ -138,10 +139,9 @@ def run_train_ranker(p: RankerParams, layout: Layout, as_of: dt.date | None = No
     check_params(p)
     engine.check(engine_params)
     device = pick_device(p.device)
-    if p.tables == "torchrec" and (device.type != "cpu" or engine_params.kind != "local"):
-        raise ParamsError(f"ranker.tables torchrec trains in one process on the CPU here (fbgemm-gpu-cpu), not on "
-                          f"{device.type} with engine.kind {engine_params.kind}: set ranker.device cpu and engine.kind "
-                          f"local, or ranker.tables torch")
+    if p.tables == "torchrec" and device.type != "cpu":
+        raise ParamsError(f"ranker.tables torchrec trains on the CPU here (fbgemm-gpu-cpu), not on {device.type}: "
+                          f"set ranker.device cpu, or ranker.tables torch")
     train_window, eval_window = ranker_window(p, layout.validated, as_of)
     store, K, L = current_store(p, layout)
     codebook_version = store.codebook_version if store is not None else None
