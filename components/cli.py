@@ -295,9 +295,9 @@ def paper_report(
     """Measure PAPER.md's findings on the default world with intervals and verdicts: `dvc repro`, then every
     setting and seed through `dvc exp run --queue`; writes reports/paper/README.md and its plots."""
     from components.paper import movielens as on_movielens
-    from components.paper.report import run
+    from components.paper.report import default_seeds, run
 
-    seeds = seeds or ([0] if quick else [0, 1, 2])
+    seeds = seeds or default_seeds(quick)
     if movielens is not None:
         on_movielens.run(movielens, jobs, seeds)
     else:

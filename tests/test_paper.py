@@ -102,6 +102,13 @@ def test_a_prediction_file_missing_from_the_cache_names_the_run(tmp_path):
         report.cached(tmp_path, "ab" + "0" * 30, "rh-s1")
 
 
+def test_the_report_header_names_the_flags_that_give_its_seeds():
+    assert report.command_flags(True, [0]) == " --quick"
+    assert report.command_flags(False, [0, 1, 2]) == ""
+    assert report.command_flags(False, [0]) == " --seed 0"
+    assert report.command_flags(True, [3, 4]) == " --quick --seed 3 --seed 4"
+
+
 def test_the_report_files(tmp_path):
     frames = runs({name: q for name, q in zip(report.QUICK, (0.3, 0.1, 0.12, 0.29, 0.2))})
     results = [{"experiment": name, "seed": 0, "ne": {s: 0.9 for s in report.SEGMENTS}, "aar": 0.3,
